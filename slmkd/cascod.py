@@ -1,0 +1,376 @@
+"""CasCoD: cascading decomposed chain-of-thought distillation (Dai et al., EMNLP 2024).
+
+Plain CoT distillation trains the student on ``q → r ⊕ a`` (question → rationale followed by the
+final answer) with one cross-entropy. Because the answer tokens ``a`` sit in the same target as
+the rationale, the student can learn a *shortcut*: predict ``a`` from ``q`` directly (surface
+features of the question) and treat ``r`` as decoration. CasCoD decomposes the CoT into two
+learning problems and cascades them:
+
+* **rationale step** ``q → r``: the target is the rationale only; the answer is *absent*, so the
+  student cannot fit the answer from the question here;
+* **answer step** ``q, r → a``: the prompt already contains the full rationale followed by an
+  answer cue (``"The answer is"``), so the answer must be read off the rationale.
+
+Training objective (the authors' joint form, one model, paired examples in every step)::
+
+    L = (1 - α_c) · L_rationale + α_c · L_answer,
+    L_rationale = (1 / N_r) Σ_{t ∈ T_r} -log p(y_t | y_<t)    (token mean over rationale targets)
+    L_answer    = (1 / N_a) Σ_{t ∈ T_a} -log p(y_t | y_<t)    (token mean over answer targets)
+
+with ``α_c = cfg.cascod.alpha_cascod``. **The default α_c = 0.1 is the value of the authors'
+training script** (``alpha=0.1`` in their ``run_distilled_cot.sh``: "alpha * answer loss +
+(1-alpha) * rloss"), so 90 % of the weight is on the rationale. Like the authors' "concat"
+forward, each step runs one forward pass over the rationale rows and the answer rows stacked along
+the batch dimension (the collator pads both kinds to one common length).
+
+Methods built on this module (registered with :mod:`slmkd.trainer`):
+
+* ``cascod`` — the joint loss above;
+* ``cascod-2stage`` — the sequential reading: stage 1 trains ``q → r`` only, stage 2 continues
+  from stage 1's final weights on ``q, r → a`` only; each stage has its own sub-directory
+  (``stage1/``, ``stage2/``) with its own checkpoints; the run's final model is stage 2's;
+* ``cascod-kd`` — ours (no public implementation combines the two): the rationale term becomes the
+  logit-KD loss of :func:`slmkd.losses.fused_kd_loss` on the teacher's own rationale tokens
+  (``(1-α)·CE + α·T²·KL`` with the per-epoch temperature / alpha schedules and the same guards);
+  the answer term stays a plain CE.
+
+Inference is cascaded (:func:`cascaded_generate`): greedy ``r`` from ``q`` until EOS, append the
+answer cue, greedy ``a``. :func:`error_propagation` compares answer accuracy given the teacher's
+rationale with the accuracy given the student's own rationale.
+
+Answer cue: the authors' data use "Therefore, the answer is" as both the split marker and the cue.
+This project's final-answer line is ``"The answer is N."`` (:data:`slmkd.data.prompts.
+FINAL_ANSWER_PREFIX`), so the cue is ``cfg.cascod.answer_cue = "The answer is"``, placed on its own
+line after the rationale: the cascaded output ``r + "\\nThe answer is" + " N."`` is then exactly
+the format the evaluator's answer extraction expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_ALPHA_CASCOD",
+    "DEFAULT_ANSWER_CUE",
+    "CASCOD_METHODS",
+    "SplitCoT",
+    "split_cot",
+    "split_rationale_answer",
+    "join_rationale_cue",
+    "answer_target",
+    "build_rationale_example",
+    "build_answer_example",
+    "CasCoDPairDataset",
+    "CasCoDCollator",
+    "build_cascod_dataset",
+    "CasCoDLossOutput",
+    "token_mean_ce",
+    "cascod_joint_loss",
+    "cascaded_generate",
+    "error_propagation",
+]
+
+#: The authors' training-script value (``alpha=0.1`` in ``shell/run_distilled_cot.sh``).
+DEFAULT_ALPHA_CASCOD = 0.1
+#: The answer cue appended after the rationale; matches the project's final-answer line.
+DEFAULT_ANSWER_CUE = "The answer is"
+CASCOD_METHODS = ("cascod", "cascod-2stage", "cascod-kd")
+
+# -- splitting -----------------------------------------------------------------------------------
+#: Reasons a completion cannot be split (counted by :func:`build_cascod_dataset`).
+SPLIT_REASONS = ("not_text", "marker_missing", "marker_repeated", "empty_answer", "empty_rationale",
+                 "text_after_answer")
+
+# Connectives that introduce the final answer ("So the answer is (A)." in BBH CoTs); they belong
+# to the answer line, not to the rationale.
+_CONNECTIVE = r"(?:(?:so|therefore|thus|hence),?\s+)?"
+
+
+@dataclass(frozen=True)
+class SplitCoT:
+    """A CoT cut at its final-answer marker: ``rationale`` (stripped, non-empty) and ``answer``
+    (the text after the marker, stripped, one trailing period removed, non-empty, one line)."""
+
+    rationale: str
+    answer: str
+
+
+def _marker_regex(marker: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in marker.strip().split()]
+    if not words:
+        raise ValueError("the final-answer marker must not be empty")
+    return re.compile(r"\b" + _CONNECTIVE + r"\s+".join(words) + r"\b", re.IGNORECASE)
+
+
+def split_cot(completion: Any, marker: str | None = None) -> SplitCoT | str:
+    """Split a teacher CoT into rationale and answer at the final-answer marker.
+
+    The marker (default :data:`slmkd.data.prompts.FINAL_ANSWER_PREFIX`, ``"The answer is"``) is
+    matched case-insensitively with an optional leading connective ("So", "Therefore,", "Thus",
+    "Hence"), so both ``"…\\nThe answer is 42."`` and BBH's ``"… So the answer is (A)."`` split.
+
+    Returns a :class:`SplitCoT`, or the reason (one of :data:`SPLIT_REASONS`) the completion has no
+    clean split: the marker is missing or occurs more than once (ambiguous: which is final?), the
+    answer after it is empty, the rationale before it is empty, or more lines follow the answer.
+    """
+    if not isinstance(completion, str):
+        return "not_text"
+    if marker is None:
+        from slmkd.data.prompts import FINAL_ANSWER_PREFIX
+
+        marker = FINAL_ANSWER_PREFIX
+    matches = list(_marker_regex(marker).finditer(completion))
+    if not matches:
+        return "marker_missing"
+    if len(matches) > 1:
+        return "marker_repeated"
+    m = matches[0]
+    rationale = completion[: m.start()].strip()
+    tail = completion[m.end() :].strip()
+    if "\n" in tail:
+        return "text_after_answer"
+    answer = tail[:-1].rstrip() if tail.endswith(".") else tail
+    answer = answer.lstrip(":").strip()
+    if not answer:
+        return "empty_answer"
+    if not rationale:
+        return "empty_rationale"
+    return SplitCoT(rationale, answer)
+
+
+def split_rationale_answer(completion: Any, marker: str | None = None) -> tuple[str, str] | None:
+    """``(rationale, answer)`` of a CoT, or ``None`` when there is no clean split (see
+    :func:`split_cot` for the rules and the reasons)."""
+    res = split_cot(completion, marker)
+    return (res.rationale, res.answer) if isinstance(res, SplitCoT) else None
+
+
+def join_rationale_cue(rationale: str, answer_cue: str = DEFAULT_ANSWER_CUE) -> str:
+    """The text the answer step is conditioned on after the prompt: ``r + "\\n" + cue``.
+
+    Used identically for training examples and for cascaded inference."""
+    return rationale.rstrip() + "\n" + answer_cue.strip()
+
+
+def answer_target(answer: str) -> str:
+    """The supervised answer text that follows the cue: ``" {a}."`` (EOS is appended by
+    :func:`slmkd.data.prompts.tokenize_example`)."""
+    return " " + answer.strip() + "."
+
+
+# -- examples ------------------------------------------------------------------------------------
+def build_rationale_example(
+    tokenizer: Any, prompt: str, rationale: str, max_length: int, min_supervised_tokens: int
+) -> Any:
+    """Rationale example ``q → r``: input ``prompt + rationale + eos``; labels on ``rationale +
+    eos`` only (−100 on the prompt). Returns a ``TokenizedExample`` or a ``DropReason``."""
+    from slmkd.data.prompts import tokenize_example
+
+    return tokenize_example(tokenizer, prompt, rationale.strip(), max_length, min_supervised_tokens)
+
+
+def build_answer_example(
+    tokenizer: Any,
+    prompt: str,
+    rationale: str,
+    answer: str,
+    max_length: int,
+    answer_cue: str = DEFAULT_ANSWER_CUE,
+    min_supervised_tokens: int = 1,
+) -> Any:
+    """Answer example ``q, r → a``: input ``prompt + r + "\\n" + cue + " a." + eos``; labels on
+    ``" a." + eos`` only. ``min_supervised_tokens`` defaults to 1 because answers are short by
+    nature (a number, "(A)"): the run-wide minimum is meant for whole CoTs and would drop them
+    all. Returns a ``TokenizedExample`` or a ``DropReason``."""
+    from slmkd.data.prompts import tokenize_example
+
+    return tokenize_example(
+        tokenizer,
+        prompt + join_rationale_cue(rationale, answer_cue),
+        answer_target(answer),
+        max_length,
+        min_supervised_tokens,
+    )
+
+
+def _record_from_cot(rec: Any) -> Any:
+    """A :class:`slmkd.data.Record` from a CoT record dict (``load_cot_records``) or a Record."""
+    from slmkd.data.records import Record
+
+    if isinstance(rec, Record):
+        return rec
+    return Record(
+        id=str(rec.get("id", "")),
+        dataset=str(rec.get("dataset", "gsm8k")),
+        task=rec.get("task"),
+        split=str(rec.get("split", "train")),
+        question=str(rec["question"]),
+        answer=str(rec.get("gold", rec.get("answer", rec.get("target", "")))),
+        rationale=None,
+    )
+
+
+@dataclass
+class CasCoDStats:
+    """What :func:`build_cascod_dataset` kept and dropped, with reasons."""
+
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    prompt_tokens_dropped: int = 0
+
+    def summary(self) -> str:
+        s = f"CasCoD examples: kept {self.kept}/{self.total}"
+        if self.dropped:
+            s += " (dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) + ")"
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
+                "prompt_tokens_dropped": self.prompt_tokens_dropped}
+
+
+class CasCoDPairDataset:
+    """A map-style dataset of paired examples; item ``i`` is
+    ``{"rationale_input_ids", "rationale_labels", "answer_input_ids", "answer_labels", "id"}``
+    (lists of ints). ``kind="rationale"`` / ``"answer"`` makes items plain single examples
+    ``{"input_ids", "labels", "id"}`` of that kind (the stages of ``cascod-2stage``)."""
+
+    def __init__(self, pairs: Sequence[tuple[str, Any, Any]], kind: str = "pair") -> None:
+        if kind not in ("pair", "rationale", "answer"):
+            raise ValueError(f"kind must be 'pair', 'rationale' or 'answer', got {kind!r}")
+        self.pairs = list(pairs)
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rid, r_ex, a_ex = self.pairs[i]
+        if self.kind == "rationale":
+            return {"input_ids": r_ex.input_ids, "labels": r_ex.labels, "id": rid}
+        if self.kind == "answer":
+            return {"input_ids": a_ex.input_ids, "labels": a_ex.labels, "id": rid}
+        return {"rationale_input_ids": r_ex.input_ids, "rationale_labels": r_ex.labels,
+                "answer_input_ids": a_ex.input_ids, "answer_labels": a_ex.labels, "id": rid}
+
+    def with_kind(self, kind: str) -> CasCoDPairDataset:
+        return CasCoDPairDataset(self.pairs, kind)
+
+
+def build_cascod_dataset(
+    tokenizer: Any,
+    records: Iterable[Any],
+    *,
+    max_length: int,
+    min_supervised_tokens: int,
+    answer_cue: str = DEFAULT_ANSWER_CUE,
+    bbh_prompts: dict[str, str] | None = None,
+    kind: str = "pair",
+) -> tuple[CasCoDPairDataset, CasCoDStats]:
+    """Paired CasCoD examples from kept teacher CoT records (dicts with ``question``,
+    ``completion``, ``dataset``, ``task``, ``id``).
+
+    For each record: split the completion (:func:`split_cot`), build the rationale example
+    (``build_prompt(q) → r``) and the answer example (``build_prompt(q) + r + cue → a``). A record
+    is dropped — and counted under its reason — when the split fails or either example is dropped by
+    :func:`slmkd.data.prompts.tokenize_example`; the pair is all-or-nothing so both terms of the
+    joint loss see the same records.
+    """
+    from slmkd.data.prompts import DropReason, build_prompt
+
+    stats = CasCoDStats()
+    pairs: list[tuple[str, Any, Any]] = []
+    for rec in records:
+        stats.total += 1
+        rid = str(rec.get("id", stats.total - 1)) if isinstance(rec, dict) else str(rec.id)
+        completion = rec.get("completion") if isinstance(rec, dict) else None
+        split = split_cot(completion)
+        if not isinstance(split, SplitCoT):
+            stats.dropped[f"split:{split}"] += 1
+            continue
+        try:
+            prompt = build_prompt(tokenizer, _record_from_cot(rec), bbh_prompts)
+        except (KeyError, TypeError) as exc:
+            stats.dropped["prompt_error"] += 1
+            logger.debug("record %s: no prompt (%s)", rid, exc)
+            continue
+        r_ex = build_rationale_example(tokenizer, prompt, split.rationale, max_length,
+                                       min_supervised_tokens)
+        if isinstance(r_ex, DropReason):
+            stats.dropped[f"rationale:{r_ex.reason}"] += 1
+            continue
+        a_ex = build_answer_example(tokenizer, prompt, split.rationale, split.answer, max_length,
+                                    answer_cue)
+        if isinstance(a_ex, DropReason):
+            stats.dropped[f"answer:{a_ex.reason}"] += 1
+            continue
+        stats.prompt_tokens_dropped += r_ex.prompt_tokens_dropped + a_ex.prompt_tokens_dropped
+        pairs.append((rid, r_ex, a_ex))
+        stats.kept += 1
+    if stats.dropped:
+        logger.info(stats.summary())
+    return CasCoDPairDataset(pairs, kind), stats
+
+
+def _pad(seqs: Sequence[Sequence[int]], width: int, value: int) -> Any:
+    import torch
+
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return out
+
+
+@dataclass
+class CasCoDCollator:
+    """Right-pads a batch of items to one width.
+
+    Paired items → ``input_ids``, ``attention_mask``, ``labels`` of shape ``[2B, L]``: rows
+    ``0..B-1`` are the rationale examples, rows ``B..2B-1`` the answer examples of the same
+    records (one common width ``L`` so a single forward pass serves both, as in the authors'
+    "concat" mode), plus ``num_rationale_rows`` (``B``, a 0-d long tensor) and
+    ``answer_row_mask`` (``[2B]`` bool). Single-kind items → ``input_ids``, ``attention_mask``,
+    ``labels`` ``[B, L]``. Padding: ``pad_token_id`` / attention 0 / label −100.
+    ``pad_to_multiple_of`` rounds ``L`` up (tensor-core friendly on GPU).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def _width(self, seqs: Sequence[Sequence[int]]) -> int:
+        w = max(len(s) for s in seqs)
+        m = self.pad_to_multiple_of
+        return w if not m else ((w + m - 1) // m) * m
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from slmkd.data.prompts import IGNORE_INDEX
+
+        if not items:
+            raise ValueError("empty batch")
+        if "rationale_input_ids" in items[0]:
+            ids = [it["rationale_input_ids"] for it in items] + [it["answer_input_ids"] for it in items]
+            labels = [it["rationale_labels"] for it in items] + [it["answer_labels"] for it in items]
+        else:
+            ids = [it["input_ids"] for it in items]
+            labels = [it["labels"] for it in items]
+        width = self._width(ids)
+        attn = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, s in enumerate(ids):
+            attn[i, : len(s)] = 1
+        batch = {"input_ids": _pad(ids, width, self.pad_token_id), "attention_mask": attn,
+                 "labels": _pad(labels, width, IGNORE_INDEX)}
+        if "rationale_input_ids" in items[0]:
+            b = len(items)
+            batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)
+            batch["answer_row_mask"] = torch.arange(2 * b) >= b
+        return batch

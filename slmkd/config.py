@@ -1,0 +1,457 @@
+"""Experiment configuration: nested dataclasses, named profiles, ``SLM_KD_*`` overrides, validation.
+
+Field names mirror :class:`transformers.TrainingArguments` where the two overlap
+(``learning_rate``, ``dataloader_num_workers``, ``warmup_ratio``, ``weight_decay``,
+``lr_scheduler_type``, ``gradient_checkpointing``, ``optim``, ``save_steps``, ``save_total_limit``,
+``max_steps``); :meth:`TrainConfig.training_arguments_kwargs` gives the exact mapping for the rest
+(``epochs`` → ``num_train_epochs``, ``batch_size`` → ``per_device_train_batch_size``,
+``grad_accum_steps`` → ``gradient_accumulation_steps``, ``clip_grad_norm`` → ``max_grad_norm``,
+``log_every`` → ``logging_steps``).
+
+Resolution order (later wins): dataclass defaults → profile → config file (JSON) → explicit
+overrides → ``SLM_KD_*`` environment variables (each one logged when it changes a value).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROFILE_ENV = "SLMKD_PROFILE"
+DEFAULT_PROFILE = "a100-80g"
+METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """The model hierarchy. Values are Hub names, local paths, or ``tiny-qwen2-*`` names."""
+
+    teacher_medium: str = "Qwen/Qwen2.5-7B-Instruct"
+    student_primary: str = "Qwen/Qwen2.5-3B-Instruct"
+    student_small: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    teacher_load_in_4bit: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from. ``None`` means the Hugging Face Hub."""
+
+    gsm8k_train: str | None = None
+    gsm8k_test: str | None = None
+    bbh_dir: str | None = None
+    bbh_train_per_task: int = 0
+    bbh_split_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run-management settings shared by every training method."""
+
+    learning_rate: float = 3e-5
+    epochs: int = 3
+    batch_size: int = 4
+    grad_accum_steps: int = 4
+    clip_grad_norm: float = 0.5
+    dataloader_num_workers: int = 2
+    log_every: int = 20
+    save_steps: int = 200
+    save_total_limit: int = 3
+    max_steps: int = -1
+    max_seq_length: int = 1024
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_torch"
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    min_supervised_tokens: int = 8
+    debug_nan: bool = False
+    local_checkpoint_dir: str | None = None
+
+    def training_arguments_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`transformers.TrainingArguments` (names mapped)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.epochs,
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "max_grad_norm": self.clip_grad_norm,
+            "dataloader_num_workers": self.dataloader_num_workers,
+            "logging_steps": self.log_every,
+            "save_steps": self.save_steps,
+            "save_total_limit": self.save_total_limit,
+            "max_steps": self.max_steps,
+            "warmup_ratio": self.warmup_ratio,
+            "weight_decay": self.weight_decay,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "optim": self.optim,
+        }
+
+
+@dataclass
+class KDConfig:
+    """Logit distillation: per-epoch schedules (one value per epoch) and loss guards."""
+
+    temperature_schedule: list[float] = field(default_factory=lambda: [2.0, 1.5, 1.0])
+    alpha_schedule: list[float] = field(default_factory=lambda: [0.5, 0.4, 0.3])
+    max_logit_abs: float = 50.0
+    chunk_size: int = 1024
+
+
+@dataclass
+class CasCoDConfig:
+    """CasCoD (Dai et al., EMNLP 2024). ``alpha_cascod`` = weight of the answer term (authors': 0.1)."""
+
+    alpha_cascod: float = 0.1
+    answer_cue: str = "The answer is"
+
+
+@dataclass
+class GenerationConfig:
+    """Teacher chain-of-thought generation (notebook 01)."""
+
+    dataset: str = "gsm8k"
+    max_new_tokens: int = 512
+    batch_size: int = 64
+    backend: str = "hf"
+    keep_incorrect: bool = False
+    limit: int | None = None
+    repetition_ngram: int = 8
+    repetition_max_repeats: int = 4
+    shard_size: int = 256
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (notebook 04). Limits: ``None`` = full set; subsets are fixed by ``subset_seed``."""
+
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k", "bbh"])
+    gsm8k_limit: int | None = 500
+    bbh_limit: int | None = 100
+    subset_seed: int = 1234
+    batch_size: int = 64
+    max_new_tokens: int = 512
+    backend: str = "hf"
+
+
+@dataclass
+class TinyConfig:
+    """The tiny offline world (CPU): tokenizer, tiny Qwen2 models, synthetic arithmetic task."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_test: int = 300
+    bpe_vocab_size: int = 400
+    teacher_hidden: int = 192
+    teacher_layers: int = 4
+    teacher_heads: int = 6
+    teacher_kv_heads: int = 2
+    teacher_intermediate: int = 512
+    student_m_hidden: int = 128
+    student_m_layers: int = 3
+    student_s_hidden: int = 96
+    student_s_layers: int = 2
+    student_heads: int = 4
+    student_kv_heads: int = 2
+    student_intermediate_ratio: int = 3
+    teacher_extra_rows: int = 128
+    student_extra_rows: int = 64
+    teacher_pretrain_steps: int = 2000
+    teacher_batch_size: int = 64
+    teacher_learning_rate: float = 3e-3
+    max_seq_length: int = 128
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole study's configuration. ``to_dict()`` is saved as ``config.json`` in every run."""
+
+    profile: str = DEFAULT_PROFILE
+    drive_root: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [42, 123, 456])
+    students: list[str] = field(default_factory=lambda: ["student_primary", "student_small"])
+    methods: list[str] = field(default_factory=lambda: ["sft", "kd", "cascod"])
+    models: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cascod: CasCoDConfig = field(default_factory=CasCoDConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    # -- convenience -------------------------------------------------------------------------
+    @property
+    def is_tiny(self) -> bool:
+        return self.profile == "tiny"
+
+    @property
+    def teacher(self) -> str:
+        return self.models.teacher_medium
+
+    def student_name(self, key_or_name: str) -> str:
+        """``"student_small"`` → its model name; any other string is returned unchanged."""
+        if key_or_name in ("student_primary", "student_small", "teacher_medium"):
+            return getattr(self.models, key_or_name)
+        return key_or_name
+
+    def student_names(self) -> list[str]:
+        return [self.student_name(s) for s in self.students]
+
+    def schedule_for_epoch(self, epoch: int) -> tuple[float, float]:
+        """(temperature, alpha) for a 0-based epoch; epochs past the schedule keep the last value."""
+        i = min(max(int(epoch), 0), len(self.kd.temperature_schedule) - 1)
+        return self.kd.temperature_schedule[i], self.kd.alpha_schedule[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from slmkd.runtime import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    def fingerprint(self, sections: list[str] | None = None) -> str:
+        """Short hash of the config (or of some top-level sections), for change detection."""
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A deep copy with dotted-path overrides, e.g. ``replace(**{"train.max_steps": 10})``."""
+        new = copy.deepcopy(self)
+        apply_overrides(new, changes)
+        validate(new)
+        return new
+
+
+# -- profiles --------------------------------------------------------------------------------
+# Each profile is a dict of dotted-path overrides applied on top of the dataclass defaults.
+PROFILES: dict[str, dict[str, Any]] = {
+    "a100-80g": {},
+    "a100-40g": {"train.batch_size": 2, "train.grad_accum_steps": 8, "evaluation.batch_size": 32,
+                 "generation.batch_size": 32},
+    "tiny": {
+        "models.teacher_medium": "tiny-qwen2-teacher",
+        "models.student_primary": "tiny-qwen2-student-m",
+        "models.student_small": "tiny-qwen2-student-s",
+        "students": ["student_small"],
+        "train.learning_rate": 2e-3,
+        "train.epochs": 3,
+        "train.batch_size": 32,
+        "train.grad_accum_steps": 1,
+        "train.dataloader_num_workers": 0,
+        "train.log_every": 20,
+        "train.save_steps": 200,
+        "train.max_seq_length": 160,
+        "train.warmup_ratio": 0.05,
+        "train.gradient_checkpointing": False,
+        "train.min_supervised_tokens": 4,
+        "generation.max_new_tokens": 64,
+        "generation.batch_size": 256,
+        "evaluation.datasets": ["gsm8k"],
+        "evaluation.gsm8k_limit": 300,
+        "evaluation.batch_size": 300,
+        "evaluation.max_new_tokens": 64,
+        "kd.chunk_size": 4096,
+    },
+}
+
+# Environment variables users already rely on: name → (dotted path, type).
+ENV_OVERRIDES: dict[str, tuple[str, type]] = {
+    "SLM_KD_DEBUG_NAN": ("train.debug_nan", bool),
+    "SLM_KD_CLIP_GRAD_NORM": ("train.clip_grad_norm", float),
+    "SLM_KD_MAX_LOGIT_ABS": ("kd.max_logit_abs", float),
+    "SLM_KD_MIN_SUPERVISED_TOKENS": ("train.min_supervised_tokens", int),
+    "SLM_KD_LOG_EVERY": ("train.log_every", int),
+}
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def parse_env_value(name: str, raw: str, typ: type) -> Any:
+    """Parse one environment value; raise :class:`ConfigError` naming the variable if it fails."""
+    text = raw.strip()
+    if typ is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no).")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {typ.__name__}.") from None
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``SLM_KD_*`` overrides present in the environment, as dotted-path → parsed value."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, (path, typ) in ENV_OVERRIDES.items():
+        if name in environ:
+            out[path] = parse_env_value(name, environ[name], typ)
+    return out
+
+
+def _set_path(cfg: Any, path: str, value: Any) -> Any:
+    obj = cfg
+    parts = path.split(".")
+    for p in parts[:-1]:
+        if not hasattr(obj, p):
+            raise ConfigError(f"Unknown config section {p!r} in {path!r}.")
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"Unknown config field {path!r}.")
+    old = getattr(obj, parts[-1])
+    setattr(obj, parts[-1], copy.deepcopy(value))
+    return old
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str = "") -> None:
+    """Apply dotted-path overrides (``{"train.learning_rate": 1e-4}``) in place."""
+    for path, value in overrides.items():
+        old = _set_path(cfg, path, value)
+        if source and old != value:
+            logger.warning("%s overrides %s: %r -> %r", source, path, old, value)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` with a clear message for any inconsistent value."""
+    kd, tr = cfg.kd, cfg.train
+    if cfg.profile not in PROFILES:
+        raise ConfigError(f"Unknown profile {cfg.profile!r}; choose one of {sorted(PROFILES)}.")
+    if tr.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {tr.epochs}.")
+    for name in ("temperature_schedule", "alpha_schedule"):
+        sched = getattr(kd, name)
+        if len(sched) != tr.epochs:
+            raise ConfigError(
+                f"kd.{name} has {len(sched)} values but train.epochs={tr.epochs}: "
+                "give exactly one value per epoch."
+            )
+    for i, t in enumerate(kd.temperature_schedule):
+        if not t > 0:
+            raise ConfigError(f"kd.temperature_schedule[{i}]={t}: temperatures must be > 0.")
+    for i, a in enumerate(kd.alpha_schedule):
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"kd.alpha_schedule[{i}]={a}: alpha must lie in [0, 1].")
+    if not 0.0 <= cfg.cascod.alpha_cascod <= 1.0:
+        raise ConfigError(f"cascod.alpha_cascod={cfg.cascod.alpha_cascod} must lie in [0, 1].")
+    if not kd.max_logit_abs > 0:
+        raise ConfigError(f"kd.max_logit_abs={kd.max_logit_abs} must be > 0.")
+    if kd.chunk_size < 1:
+        raise ConfigError(f"kd.chunk_size={kd.chunk_size} must be >= 1.")
+    positive = {"train.learning_rate": tr.learning_rate, "train.batch_size": tr.batch_size,
+                "train.grad_accum_steps": tr.grad_accum_steps, "train.log_every": tr.log_every,
+                "train.save_steps": tr.save_steps, "train.max_seq_length": tr.max_seq_length,
+                "generation.max_new_tokens": cfg.generation.max_new_tokens,
+                "generation.batch_size": cfg.generation.batch_size,
+                "evaluation.batch_size": cfg.evaluation.batch_size,
+                "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens}
+    for name, v in positive.items():
+        if not v > 0:
+            raise ConfigError(f"{name}={v} must be > 0.")
+    if not tr.clip_grad_norm > 0:
+        raise ConfigError(f"train.clip_grad_norm={tr.clip_grad_norm} must be > 0.")
+    if tr.min_supervised_tokens < 0:
+        raise ConfigError(f"train.min_supervised_tokens={tr.min_supervised_tokens} must be >= 0.")
+    if tr.dataloader_num_workers < 0:
+        raise ConfigError("train.dataloader_num_workers must be >= 0.")
+    for name, lim in (("gsm8k_limit", cfg.evaluation.gsm8k_limit),
+                      ("bbh_limit", cfg.evaluation.bbh_limit)):
+        if lim is not None and lim < 1:
+            raise ConfigError(f"evaluation.{name}={lim} must be >= 1 or None (full set).")
+    for d in cfg.evaluation.datasets:
+        if d not in ("gsm8k", "bbh"):
+            raise ConfigError(f"evaluation.datasets contains {d!r}; known: 'gsm8k', 'bbh'.")
+    if cfg.generation.dataset not in ("gsm8k", "bbh"):
+        raise ConfigError(f"generation.dataset={cfg.generation.dataset!r}; known: 'gsm8k', 'bbh'.")
+    for b in (cfg.generation.backend, cfg.evaluation.backend):
+        if b not in ("hf", "vllm"):
+            raise ConfigError(f"Unknown generation backend {b!r}; choose 'hf' or 'vllm'.")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ConfigError(f"Unknown method {m!r}; choose from {list(METHODS)}.")
+    if not cfg.seeds:
+        raise ConfigError("seeds must not be empty.")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds contains duplicates: {cfg.seeds}.")
+    if not cfg.students:
+        raise ConfigError("students must not be empty.")
+
+
+def load_config(
+    profile: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ExperimentConfig:
+    """Resolve the experiment configuration.
+
+    Args:
+        profile: ``a100-80g`` (defaults), ``a100-40g`` or ``tiny``; default ``$SLMKD_PROFILE`` or
+            ``a100-80g``.
+        config_file: optional JSON file, either nested like ``config.json`` or flat dotted paths.
+        overrides: dotted-path overrides, e.g. ``{"train.learning_rate": 1e-4}``.
+        environ: environment mapping (default ``os.environ``); ``SLM_KD_*`` win over everything
+            and are logged.
+    """
+    environ = os.environ if environ is None else environ
+    profile = profile or environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if profile not in PROFILES:
+        raise ConfigError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}.")
+    cfg = ExperimentConfig(profile=profile)
+    apply_overrides(cfg, PROFILES[profile])
+    if config_file is not None:
+        data = json.loads(Path(config_file).read_text())
+        data.pop("profile", None)
+        apply_overrides(cfg, _flatten(data))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    if cfg.drive_root is None and environ.get("SLMKD_DRIVE_ROOT"):
+        cfg.drive_root = environ["SLMKD_DRIVE_ROOT"]
+    apply_overrides(cfg, env_overrides(environ), source="environment")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config saved with :meth:`ExperimentConfig.to_dict` (e.g. a run's config.json)."""
+    cfg = ExperimentConfig(profile=data.get("profile", DEFAULT_PROFILE))
+    rest = {k: v for k, v in data.items() if k != "profile"}
+    apply_overrides(cfg, _flatten(rest))
+    return cfg

@@ -1,0 +1,103 @@
+"""Model names, slugs and loading (the same ``from_pretrained`` path for Hub, local and tiny models)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slmkd.config import ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny-qwen2-"
+
+
+def model_slug(name: str) -> str:
+    """A stable folder name from a model name or path: ``Qwen/Qwen2.5-1.5B-Instruct`` →
+    ``Qwen2.5-1.5B-Instruct``. A path ending in ``final`` (a trained run) is not a good slug:
+    callers name runs ``{method}__{student}__seed{N}`` instead."""
+    slug = str(name).rstrip("/").split("/")[-1]
+    return "".join(c if (c.isalnum() or c in "._-") else "_" for c in slug)
+
+
+def is_tiny_name(name: str) -> bool:
+    return str(name).startswith(TINY_PREFIX)
+
+
+def resolve_model_path(name: str, cfg: ExperimentConfig | None = None) -> str:
+    """Hub names and paths are returned unchanged; tiny names build the tiny world (once, cached)
+    and return the local folder of that model."""
+    if not is_tiny_name(name):
+        return str(name)
+    if cfg is None:
+        from slmkd.config import load_config
+
+        cfg = load_config("tiny")
+    from slmkd.tiny import ensure_tiny_world
+
+    world = ensure_tiny_world(cfg)
+    path = Path(world.models_dir) / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"Tiny model {name!r} is not part of the tiny world at {path}.")
+    return str(path)
+
+
+def load_tokenizer(name: str, cfg: ExperimentConfig | None = None, padding_side: str = "right"):
+    """Load the tokenizer of a model; a pad token is guaranteed (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(name, cfg),
+        trust_remote_code=bool(cfg and cfg.models.trust_remote_code),
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(
+    name: str,
+    cfg: ExperimentConfig | None = None,
+    *,
+    role: str = "student",
+    for_training: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+):
+    """Load a causal LM for ``role`` in {"student", "teacher"}.
+
+    Teachers are put in eval mode with gradients disabled; with
+    ``cfg.models.teacher_load_in_4bit`` they are loaded in 4-bit NF4 through bitsandbytes
+    (GPU only). Dtype defaults to :func:`slmkd.runtime.pick_dtype`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmkd.runtime import pick_device, pick_dtype
+
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = dtype or pick_dtype(device)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if cfg is not None and cfg.models.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    quantized = role == "teacher" and cfg is not None and cfg.models.teacher_load_in_4bit
+    if quantized:
+        if device.type != "cuda":
+            raise RuntimeError("teacher_load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name, cfg), **kwargs)
+    if not quantized:
+        model.to(device)
+    if role == "teacher" or not for_training:
+        model.eval()
+        model.requires_grad_(False)
+    return model
