@@ -374,3 +374,140 @@ class CasCoDCollator:
             batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)
             batch["answer_row_mask"] = torch.arange(2 * b) >= b
         return batch
+
+
+# -- cascaded inference --------------------------------------------------------------------------
+def cascaded_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    answer_cue: str = DEFAULT_ANSWER_CUE,
+    max_new_tokens_rationale: int,
+    max_new_tokens_answer: int = 16,
+    batch_size: int,
+    rationales: Sequence[str] | None = None,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Two-step greedy decoding of a CasCoD student.
+
+    1. ``r = greedy(q)`` until EOS (or ``max_new_tokens_rationale``), where ``q`` is the
+       chat-templated prompt;
+    2. ``a = greedy(q + r + "\\n" + cue)`` until EOS (or ``max_new_tokens_answer``).
+
+    With ``rationales`` given (e.g. the teacher's), step 1 is skipped and those are used instead
+    (the error-propagation probe). Returns, in prompt order, dicts with ``rationale``,
+    ``answer_text`` (the generated continuation after the cue), ``full_text``
+    (``r + "\\n" + cue + answer_text``: what answer extraction reads),
+    ``rationale_hit_max`` / ``answer_hit_max`` and ``num_new_tokens`` (both steps).
+    """
+    from slmkd.generation import generate_batched
+
+    prompts = list(prompts)
+    if rationales is None:
+        r_out = generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens_rationale,
+                                 batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
+                                 show_progress=show_progress)
+        rats = [o.text.strip() for o in r_out]
+        r_hit = [o.hit_max_new_tokens for o in r_out]
+        r_n = [o.num_new_tokens for o in r_out]
+    else:
+        if len(rationales) != len(prompts):
+            raise ValueError(f"{len(rationales)} rationales for {len(prompts)} prompts")
+        rats = [str(r).strip() for r in rationales]
+        r_hit = [False] * len(prompts)
+        r_n = [0] * len(prompts)
+    contexts = [join_rationale_cue(r, answer_cue) for r in rats]
+    a_out = generate_batched(model, tokenizer, [p + c for p, c in zip(prompts, contexts, strict=True)],
+                             max_new_tokens=max_new_tokens_answer, batch_size=batch_size,
+                             desc=(desc or "cascod") + ": answer", show_progress=show_progress)
+    return [
+        {"rationale": r, "answer_text": a.text, "full_text": c + a.text,
+         "rationale_hit_max": rh, "answer_hit_max": a.hit_max_new_tokens,
+         "num_new_tokens": rn + a.num_new_tokens}
+        for r, c, a, rh, rn in zip(rats, contexts, a_out, r_hit, r_n, strict=True)
+    ]
+
+
+def _first(rec: dict[str, Any], keys: Sequence[str]) -> Any:
+    for k in keys:
+        if rec.get(k) is not None:
+            return rec[k]
+    return None
+
+
+def error_propagation(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    answer_cue: str = DEFAULT_ANSWER_CUE,
+    max_new_tokens_rationale: int,
+    max_new_tokens_answer: int = 16,
+    batch_size: int,
+    bbh_prompts: dict[str, str] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """How much of a CasCoD student's error comes from its own rationale.
+
+    For each record (a dict with ``question``, ``dataset``, ``task``, the gold answer in ``gold``
+    / ``target`` / ``answer``, and the teacher's CoT in ``completion`` / ``raw_output``: a CoT
+    record or a teacher ``predictions.jsonl`` row) the student answers twice with the same answer
+    step: given the teacher's rationale (split off the teacher's CoT) and given its own greedy
+    rationale. Records whose teacher CoT has no clean split are skipped and counted.
+
+    Returns ``n``, ``acc_teacher_rationale``, ``acc_own_rationale``, their difference
+    ``propagation_gap`` (= teacher − own), the 2×2 agreement counts ``both_correct``,
+    ``only_teacher_rationale``, ``only_own_rationale``, ``neither``, ``skipped`` (reason → count)
+    and per-record ``rows``.
+    """
+    from slmkd.data.prompts import build_prompt
+    from slmkd.evaluation import extract_answer, is_correct
+
+    kept: list[tuple[dict[str, Any], str, str]] = []
+    skipped: Counter = Counter()
+    for rec in records:
+        split = split_cot(_first(rec, ("completion", "raw_output", "teacher_output")))
+        gold = _first(rec, ("gold", "target", "answer"))
+        if not isinstance(split, SplitCoT):
+            skipped[f"split:{split}"] += 1
+            continue
+        if gold is None:
+            skipped["no_gold"] += 1
+            continue
+        try:
+            prompt = build_prompt(tokenizer, _record_from_cot(rec), bbh_prompts)
+        except (KeyError, TypeError):
+            skipped["prompt_error"] += 1
+            continue
+        kept.append((rec, prompt, split.rationale))
+    prompts = [p for _, p, _ in kept]
+    kw = dict(answer_cue=answer_cue, max_new_tokens_rationale=max_new_tokens_rationale,
+              max_new_tokens_answer=max_new_tokens_answer, batch_size=batch_size,
+              show_progress=show_progress)
+    with_teacher = cascaded_generate(model, tokenizer, prompts, rationales=[r for *_, r in kept],
+                                     desc="answer | teacher rationale", **kw)
+    with_own = cascaded_generate(model, tokenizer, prompts, desc="answer | own rationale", **kw)
+    rows: list[dict[str, Any]] = []
+    counts = Counter()
+    for (rec, _, _), t_out, o_out in zip(kept, with_teacher, with_own, strict=True):
+        ds, task, q = str(rec.get("dataset", "gsm8k")), rec.get("task"), rec.get("question")
+        gold = str(_first(rec, ("gold", "target", "answer")))
+        t_pred = extract_answer(ds, t_out["full_text"], task, q)
+        o_pred = extract_answer(ds, o_out["full_text"], task, q)
+        t_ok, o_ok = is_correct(ds, t_pred, gold, task), is_correct(ds, o_pred, gold, task)
+        counts[(t_ok, o_ok)] += 1
+        rows.append({"id": rec.get("id"), "target": gold, "teacher_rationale_pred": t_pred,
+                     "own_rationale_pred": o_pred, "teacher_rationale_correct": t_ok,
+                     "own_rationale_correct": o_ok, "own_output": o_out["full_text"]})
+    n = len(rows)
+    acc_t = sum(r["teacher_rationale_correct"] for r in rows) / n if n else float("nan")
+    acc_o = sum(r["own_rationale_correct"] for r in rows) / n if n else float("nan")
+    return {
+        "n": n, "acc_teacher_rationale": acc_t, "acc_own_rationale": acc_o,
+        "propagation_gap": acc_t - acc_o,
+        "both_correct": counts[(True, True)], "only_teacher_rationale": counts[(True, False)],
+        "only_own_rationale": counts[(False, True)], "neither": counts[(False, False)],
+        "skipped": dict(skipped), "rows": rows,
+    }

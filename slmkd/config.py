@@ -85,8 +85,18 @@ class TrainConfig:
     local_checkpoint_dir: str | None = None
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`transformers.TrainingArguments` (names mapped)."""
-        return {
+        """Keyword arguments for :class:`transformers.TrainingArguments` (names mapped).
+
+        ``warmup_ratio`` is passed as such on transformers 4.x and as a fractional
+        ``warmup_steps`` on 5.x, which removed the separate argument."""
+        import dataclasses as _dc
+
+        from transformers import TrainingArguments
+
+        has_ratio = "warmup_ratio" in {f.name for f in _dc.fields(TrainingArguments)}
+        warmup = ({"warmup_ratio": self.warmup_ratio} if has_ratio
+                  else {"warmup_steps": self.warmup_ratio})
+        return {**warmup,
             "learning_rate": self.learning_rate,
             "num_train_epochs": self.epochs,
             "per_device_train_batch_size": self.batch_size,
@@ -97,7 +107,6 @@ class TrainConfig:
             "save_steps": self.save_steps,
             "save_total_limit": self.save_total_limit,
             "max_steps": self.max_steps,
-            "warmup_ratio": self.warmup_ratio,
             "weight_decay": self.weight_decay,
             "lr_scheduler_type": self.lr_scheduler_type,
             "gradient_checkpointing": self.gradient_checkpointing,

@@ -174,7 +174,7 @@ def _last_line(text: str) -> str:
 
 
 _CLAUSE_END_RE = re.compile(
-    r"\.\s+(?=[A-Z(])|\.$|;|\s+(?:because|since|as|which|given|due to)\s+|\s+-{1,2}\s+|\s+—\s*",
+    r"\.\s+(?=[A-Z(])|\.$|;|\s+(?:because|since|as|which|given|due to)\s+|\s+--\s+|\s*—\s*",
 )
 
 
@@ -268,6 +268,7 @@ _OPTION_LINE_RE = re.compile(r"^\s*\(([A-R])\)\s*(.+?)\s*$", re.MULTILINE)
 _LETTER_PAREN_RE = re.compile(r"\(([A-R])\)")
 _LETTER_WORD_RE = re.compile(r"\b(?:option|choice)\s*\(?([A-R])\b\)?", re.IGNORECASE)
 _LETTER_LEAD_RE = re.compile(r"^\(?([A-R])(?:\)|\.|:|,|$|\s)")
+_LETTER_JOINED_RE = re.compile(r"(?:\bor|\band|,|/)\s*\(?([A-R])\b(?!['\w])")
 
 
 def parse_options(question: str | None) -> dict[str, str]:
@@ -286,9 +287,11 @@ def _norm_text(s: str) -> str:
 def _letters_in(clause: str) -> list[str]:
     letters = [m.group(1) for m in _LETTER_PAREN_RE.finditer(clause)]
     letters += [m.group(1) for m in _LETTER_WORD_RE.finditer(clause)]
-    m = _LETTER_LEAD_RE.match(clause.strip(" \t\"'*_:"))
+    m = _LETTER_LEAD_RE.match(re.sub(r"^(?:either|maybe|probably)\s+", "", clause.strip(" \t\"'*_:")))
     if m:
         letters.append(m.group(1))
+        # "A or B", "A, B": further bare letters joined to the first one
+        letters += _LETTER_JOINED_RE.findall(clause)
     return list(dict.fromkeys(letters))
 
 
@@ -342,6 +345,11 @@ def _mc_from(span: str, options: dict[str, str]) -> str | None:
 
 def _binary_from(span: str, labels: tuple[str, str]) -> str | None:
     clause = _first_clause(span)
+    head = clause.split("(", 1)[0]  # "True (since not False is True)"
+    return _one_label(head, labels) or _one_label(clause, labels)
+
+
+def _one_label(clause: str, labels: tuple[str, str]) -> str | None:
     found = {
         m.group(1).lower()
         for m in re.finditer(

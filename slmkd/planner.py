@@ -18,7 +18,7 @@ Peak allocated memory of a training step (bytes; ``b`` micro-batch, ``s`` sequen
     persistent = student weights + optimizer states + teacher weights
     backward   = saved activations + logits (+ grad) + chunked-loss working set
                  + teacher logits + gradients already accumulated
-    step       = gradients + the optimizer's transient buffers (foreach AdamW: one copy of the states)
+    step       = gradients + the optimizer's transient buffers (foreach AdamW: one state copy)
     peak       = persistent + max(backward, step)
 
 Saved activations per token and layer (transformers' Qwen2, SDPA attention, padding mask present
@@ -96,7 +96,8 @@ class ModelSpec:
         for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "vocab_size"):
             if int(getattr(self, f)) < 1:
-                raise ValueError(f"ModelSpec {self.name!r}: {f} must be >= 1, got {getattr(self, f)}.")
+                raise ValueError(
+                    f"ModelSpec {self.name!r}: {f} must be >= 1, got {getattr(self, f)}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelSpec {self.name!r}: num_heads ({self.num_heads}) must be a "
                              f"multiple of num_kv_heads ({self.num_kv_heads}).")
@@ -198,7 +199,7 @@ def _tiny_spec(name: str, cfg: ExperimentConfig | None) -> ModelSpec:
     if name.endswith("teacher"):
         h, layers, heads, kv, inter = (t.teacher_hidden, t.teacher_layers, t.teacher_heads,
                                        t.teacher_kv_heads, t.teacher_intermediate)
-        rows = t.bpe_vocab_size + t.teacher_extra_rows
+        rows = t.bpe_vocab_size + t.student_extra_rows + t.teacher_extra_rows
     else:
         small = name.endswith("-s")
         h = t.student_s_hidden if small else t.student_m_hidden
@@ -451,7 +452,7 @@ def recommend_batch(
     """Largest micro-batch dividing ``effective_batch`` whose estimate fits ``gpu_gib`` (GB)."""
     if effective_batch < 1:
         raise ValueError(f"effective_batch must be >= 1, got {effective_batch}.")
-    gpu_bytes = gpu_gib * GIB  # an "80 GB" A100 reports 80 GiB; a "40 GB" one 39.4 (safety covers it)
+    gpu_bytes = gpu_gib * GIB  # an "80 GB" A100 reports 80 GiB, a "40 GB" one 39.4 (safety margin)
     divisors = [d for d in range(effective_batch, 0, -1) if effective_batch % d == 0]
     est = None
     for b in divisors:
@@ -503,8 +504,8 @@ class VramPlan:
         lines += ["    " + r.line() for r in self.recommendations]
         if self.gpu_total_gib is not None:
             ok = self.estimate.fits(self.gpu_total_gib * GIB)
-            lines.append(f"  this GPU ({self.gpu_name}): {self.gpu_total_gib:.1f} GiB -> the configured "
-                         f"setting {'fits' if ok else 'does NOT fit'}")
+            lines.append(f"  this GPU ({self.gpu_name}): {self.gpu_total_gib:.1f} GiB -> the "
+                         f"configured setting {'fits' if ok else 'does NOT fit'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -513,7 +514,8 @@ class VramPlan:
             "effective_batch": self.effective_batch,
             "recommendations": [
                 {"gpu_gb": r.gpu_gib, "batch_size": r.batch_size,
-                 "grad_accum_steps": r.grad_accum_steps, "total_gib": round(r.estimate.total_gib, 2),
+                 "grad_accum_steps": r.grad_accum_steps,
+                 "total_gib": round(r.estimate.total_gib, 2),
                  "fits": r.fits, "advice": r.advice}
                 for r in self.recommendations
             ],
@@ -546,6 +548,12 @@ def plan_for_config(
     return VramPlan(est, recs, eff, gpu[0] if gpu else None, gpu[1] if gpu else None)
 
 
+def estimate_vram(cfg: ExperimentConfig, method: str = "kd", student: str | None = None,
+                  **kwargs: Any) -> VramPlan:
+    """Public name (``slmkd.estimate_vram``) of :func:`plan_for_config`."""
+    return plan_for_config(cfg, method=method, student=student, **kwargs)
+
+
 def human_bytes(n: float) -> str:
     """``1536 * 2**20`` → ``'1.50 GiB'``."""
     for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
@@ -560,6 +568,7 @@ def params_human(n: int) -> str:
 
 __all__ = [
     "GIB", "ModelSpec", "PRESETS", "TrainSetup", "MemoryEstimate", "Recommendation", "VramPlan",
-    "model_spec", "estimate_memory", "recommend_batch", "setup_from_config", "plan_for_config",
+    "model_spec", "estimate_memory", "estimate_vram", "recommend_batch", "setup_from_config",
+    "plan_for_config",
     "human_bytes", "params_human",
 ]

@@ -39,10 +39,14 @@ def parse_gsm8k_answer(answer: str) -> tuple[str, str]:
     return _CALC.sub("", rationale).strip(), number
 
 
-def records_from_rows(rows: list[dict], split: str, skipped: list[tuple[str, str]]) -> list[Record]:
+def records_from_rows(rows: list[dict | None], split: str,
+                      skipped: list[tuple[str, str]]) -> list[Record]:
+    """Records from raw rows; ``None`` rows (already reported as malformed) keep their index."""
     records = []
     for i, row in enumerate(rows):
         rid = f"gsm8k-{split}-{i:05d}"
+        if row is None:
+            continue
         q, a = row.get("question"), row.get("answer")
         if not isinstance(q, str) or not q.strip() or not isinstance(a, str):
             skipped.append((rid, "missing_field: question/answer"))
@@ -71,7 +75,7 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None) -> LoadResul
             p = p / f"{split}.jsonl"
         if not p.is_file():
             raise FileNotFoundError(f"GSM8K file not found: {p}")
-        rows = []
+        rows: list[dict | None] = []
         for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -79,6 +83,6 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None) -> LoadResul
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 result.skipped.append((f"{p.name}:{n}", "malformed_json"))
-                rows.append({})
+                rows.append(None)
     result.records = records_from_rows(rows, split, result.skipped)
     return result

@@ -82,16 +82,17 @@ def eval_subset(records: Iterable[Record], limit: int | None, seed: int,
 def bbh_train_eval_split(records: Iterable[Record], train_per_task: int,
                          seed: int) -> tuple[list[Record], list[Record]]:
     """Split BBH items per task into a training part and the evaluation pool, disjoint by
-    construction: a seeded permutation per task, the first ``train_per_task`` items train."""
-    by_task: dict[str | None, list[Record]] = defaultdict(list)
+    construction — also by question text, since a few BBH tasks repeat a question: a seeded
+    permutation of each task's distinct questions; the first ``train_per_task`` questions train."""
+    by_task: dict[str | None, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: r.id):
-        by_task[r.task].append(r)
+        by_task[r.task][r.question].append(r)
     train: list[Record] = []
     pool: list[Record] = []
     for task in sorted(by_task, key=lambda k: k or ""):
-        items = list(by_task[task])
-        random.Random(f"bbh-split:{seed}:{task}").shuffle(items)
-        k = min(max(train_per_task, 0), len(items))
-        train.extend(items[:k])
-        pool.extend(items[k:])
+        questions = list(by_task[task])
+        random.Random(f"bbh-split:{seed}:{task}").shuffle(questions)
+        k = min(max(train_per_task, 0), len(questions))
+        for i, q in enumerate(questions):
+            (train if i < k else pool).extend(by_task[task][q])
     return sorted(train, key=lambda r: r.id), sorted(pool, key=lambda r: r.id)

@@ -1,0 +1,220 @@
+"""Training monitor: a JSONL log of the training metrics, VRAM figures and live plots.
+
+Every ``log_every`` optimiser steps the trainer logs (one JSON object per line in
+``{run_dir}/log.jsonl``): ``step``, ``epoch``, ``loss``, ``ce``, ``kd``, ``temperature``, ``alpha``,
+``grad_norm``, ``learning_rate``, ``tokens_per_s``, ``skipped_batches`` and, on CUDA,
+``vram_allocated_gb``, ``vram_reserved_gb``, ``vram_peak_gb``. :class:`TrainingMonitor` appends them
+(main process only) and redraws three figures — loss/CE/KD, gradient norm, VRAM — saved as PNG in
+``{run_dir}/plots/`` and, with ``live_plot=True`` inside a notebook, shown inline and updated in place
+(``IPython.display`` with a display id). Figures use matplotlib's object API (no pyplot state),
+so they work headless with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "log.jsonl"
+PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "vram": "vram.png"}
+
+
+def vram_stats() -> dict[str, float]:
+    """CUDA memory of the current device in GB (empty dict without CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    g = 1024**3
+    return {"vram_allocated_gb": torch.cuda.memory_allocated() / g,
+            "vram_reserved_gb": torch.cuda.memory_reserved() / g,
+            "vram_peak_gb": torch.cuda.max_memory_allocated() / g}
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+def append_log(path: str | os.PathLike, entry: dict[str, Any]) -> None:
+    """Append one JSON line (non-finite floats become null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: _clean(v) for k, v in entry.items()}, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All entries of a log.jsonl (a torn last line from a crash is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def truncate_log(path: str | os.PathLike, max_step: int) -> int:
+    """Keep only entries with ``step <= max_step`` (used on resume: no duplicate steps).
+    Returns how many entries were removed."""
+    from slmkd.runtime import atomic_write_text
+
+    entries = read_log(path)
+    keep = [e for e in entries if int(e.get("step", 0)) <= max_step]
+    if len(keep) != len(entries) or (Path(path).is_file() and entries == []):
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in keep)
+        atomic_write_text(path, text)
+    return len(entries) - len(keep)
+
+
+def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for e in entries:
+        v = e.get(key)
+        if v is not None and "step" in e:
+            xs.append(e["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def make_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """matplotlib Figures (object API, Agg-safe): loss/CE/KD, grad norm, VRAM (if logged)."""
+    from matplotlib.figure import Figure
+
+    figs: dict[str, Any] = {}
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for key in ("loss", "ce", "kd"):
+        xs, ys = _series(entries, key)
+        if xs:
+            ax.plot(xs, ys, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    figs["loss"] = fig
+
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    xs, ys = _series(entries, "grad_norm")
+    ax.plot(xs, ys, color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("grad norm (pre-clip)")
+    ax.set_title("gradient norm")
+    fig.tight_layout()
+    figs["grad_norm"] = fig
+
+    if any("vram_allocated_gb" in e for e in entries):
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        for key in ("vram_allocated_gb", "vram_reserved_gb", "vram_peak_gb"):
+            xs, ys = _series(entries, key)
+            ax.plot(xs, ys, label=key.replace("vram_", "").replace("_gb", ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel("GB")
+        ax.set_title("CUDA memory")
+        ax.legend()
+        fig.tight_layout()
+        figs["vram"] = fig
+    return figs
+
+
+def save_plots(entries: list[dict[str, Any]], plots_dir: str | os.PathLike) -> list[Path]:
+    """Write the figures as PNG under ``plots_dir``; returns their paths."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in make_figures(entries).items():
+        p = plots_dir / PLOT_FILES[name]
+        tmp = p.with_name(f".{p.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths
+
+
+class LivePlot:
+    """Inline figures in a notebook, updated in place (no-op outside IPython)."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    def update(self, entries: list[dict[str, Any]]) -> None:
+        try:
+            from IPython import get_ipython
+            from IPython.display import Image, display
+        except ImportError:  # pragma: no cover
+            return
+        if get_ipython() is None:
+            return
+        for name, fig in make_figures(entries).items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=80)
+            img = Image(data=buf.getvalue(), format="png")
+            if name in self._handles:
+                self._handles[name].update(img)
+            else:
+                self._handles[name] = display(img, display_id=True)
+
+
+class TrainingMonitor(TrainerCallback):
+    """Appends every training log to ``{run_dir}/log.jsonl`` and redraws the plots.
+
+    Only the main process writes. ``plot_every`` = redraw every n-th log (PNGs always at the end).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, live_plot: bool = False, plot_every: int = 1):
+        self.run_dir = Path(run_dir)
+        self.log_path = self.run_dir / LOG_NAME
+        self.plots_dir = self.run_dir / "plots"
+        self.live = LivePlot() if live_plot else None
+        self.plot_every = max(1, plot_every)
+        self._n = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        if "train_runtime" in logs:
+            return
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+        entry.pop("total_flos", None)
+        append_log(self.log_path, entry)
+        self._n += 1
+        if self._n % self.plot_every == 0:
+            self.redraw()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.redraw()
+
+    def redraw(self) -> None:
+        entries = read_log(self.log_path)
+        if not entries:
+            return
+        try:
+            save_plots(entries, self.plots_dir)
+            if self.live is not None:
+                self.live.update(entries)
+        except Exception as e:  # noqa: BLE001 — a plot must never stop training
+            logger.warning("Could not draw training plots: %s", e)
