@@ -24,7 +24,8 @@ Peak allocated memory of a training step (bytes; ``b`` micro-batch, ``s`` sequen
 Saved activations per token and layer (transformers' Qwen2, SDPA attention, padding mask present
 so K/V are repeated to ``n_h`` heads)::
 
-    2 RMSNorms   2·(4H + aH)          fp32 upcast of the input + the normalised bf16 output
+    2 RMSNorms   2·(4H + 2aH)         fp32 upcast of the input, the normalised bf16 tensor
+                                      (for the weight's grad) and the output (next Linear's input)
     attention    4·a·(n_h·d)          q, k, v (repeated) and the attention output
     MLP          4·a·I                gate, silu(gate), up, silu·up
 
@@ -332,7 +333,7 @@ def _activation_bytes_per_token_layer(spec: ModelSpec, setup: TrainSetup) -> flo
     a = setup.act_bytes
     h, q, i = spec.hidden_size, spec.q_dim, spec.intermediate_size
     kv = q if setup.padded else spec.kv_dim
-    norms = 2 * ((4 if a < 4 else 0) * h + a * h)
+    norms = 2 * (4 * h + 2 * a * h)
     attn = a * (2 * q + 2 * kv) + 4 * spec.num_heads  # q, k, v, out + fp32 logsumexp per head
     mlp = 4 * a * i
     return norms + attn + mlp
@@ -380,7 +381,7 @@ def estimate_memory(
     else:
         saved = st.num_layers * per_layer * tokens
         recompute = 0
-    final_norm = (4 * st.hidden_size + a * st.hidden_size) * tokens
+    final_norm = (4 * st.hidden_size + 2 * a * st.hidden_size) * tokens
     mask = setup.batch_size * setup.seq_len**2 * a if setup.padded else 0
     comp["activations"] = int(saved + final_norm + mask)
     comp["recomputed layer (ckpt)"] = int(recompute)

@@ -1,0 +1,213 @@
+"""The whole study in one call (``slmkd run``): teacher CoT → train every student × method × seed →
+evaluate (runs, base students, teacher) → report.
+
+Every stage writes its outputs under the Drive root and is skipped when they are already
+complete, so rerunning the same command after any interruption continues where it stopped
+(the stages themselves resume mid-way: CoT shards, training checkpoints, prediction files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slmkd.config import ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+# Rough per-stage durations in seconds, used only for the plan printed before a run.
+# tiny: measured on a 2-core CPU (docs/TINY_CALIBRATION.md); a100: order-of-magnitude figures.
+_ESTIMATES: dict[str, dict[str, float]] = {
+    "tiny": {"world": 300.0, "cot": 40.0, "train": 50.0, "train_cascod": 60.0, "eval": 8.0},
+    "gpu": {"world": 0.0, "cot": 900.0, "train": 3600.0, "train_cascod": 4500.0, "eval": 600.0},
+}
+
+
+@dataclass
+class Stage:
+    """One unit of work in the plan."""
+
+    kind: str  # world | cot | train | eval | report
+    label: str
+    done: bool
+    estimate_s: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyResult:
+    report_path: Path | None
+    headline: str
+    stages: list[Stage]
+    wall_time_s: float
+
+
+def _est(cfg: ExperimentConfig, key: str) -> float:
+    return _ESTIMATES["tiny" if cfg.is_tiny else "gpu"][key]
+
+
+def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
+               students: list[str] | None = None, seeds: list[int] | None = None) -> list[Stage]:
+    """The ordered list of stages, each marked done when its output is already complete."""
+    from slmkd.evaluation import eval_dir, is_eval_complete
+    from slmkd.modeling import model_slug
+    from slmkd.runtime import get_drive_root
+    from slmkd.teacher import cot_dir, is_cot_complete
+    from slmkd.trainer import is_run_complete, run_dir_for
+
+    methods = list(methods or cfg.methods)
+    student_names = [cfg.student_name(s) for s in (students or cfg.students)]
+    seeds = list(seeds or cfg.seeds)
+    root = get_drive_root(cfg)
+    stages: list[Stage] = []
+    if cfg.is_tiny:
+        marker = root / "tiny" / "world.json"
+        stages.append(Stage("world", "tiny world (tokenizer, models, teacher pretraining)",
+                            marker.is_file(), 0.0 if marker.is_file() else _est(cfg, "world")))
+    dataset = cfg.generation.dataset
+    cdir = cot_dir(cfg, dataset, cfg.teacher)
+    stages.append(Stage("cot", f"teacher CoT: {model_slug(cfg.teacher)} on {dataset} train",
+                        is_cot_complete(cfg, cdir), _est(cfg, "cot")))
+    for student in student_names:
+        for method in methods:
+            for seed in seeds:
+                rd = run_dir_for(cfg, method, student, seed)
+                key = "train_cascod" if method.startswith("cascod") else "train"
+                stages.append(Stage("train", f"train {method} {model_slug(student)} seed{seed}",
+                                    is_run_complete(rd), _est(cfg, key),
+                                    {"method": method, "student": student, "seed": seed,
+                                     "run_dir": rd}))
+    eval_targets: list[tuple[str, dict[str, Any]]] = []
+    for s in student_names:
+        eval_targets.append((model_slug(s), {"model": s, "kind": "base"}))
+    eval_targets.append((model_slug(cfg.teacher), {"model": cfg.teacher, "kind": "teacher"}))
+    for st in [s for s in stages if s.kind == "train"]:
+        p = st.params
+        slug = f"{p['method']}__{model_slug(p['student'])}__seed{p['seed']}"
+        eval_targets.append((slug, {"run_dir": p["run_dir"], "kind": "run"}))
+    for slug, params in eval_targets:
+        for ds in cfg.evaluation.datasets:
+            done = is_eval_complete(eval_dir(cfg, slug, ds))
+            est = _est(cfg, "eval") * (2 if "cascod" in slug else 1)
+            stages.append(Stage("eval", f"evaluate {slug} on {ds}", done, est,
+                                {**params, "dataset": ds}))
+    stages.append(Stage("report", "report (tables, paired statistics, plots)", False, 5.0))
+    return stages
+
+
+def format_plan(cfg: ExperimentConfig, stages: list[Stage]) -> str:
+    from slmkd.runtime import get_drive_root
+
+    todo = [s for s in stages if not s.done]
+    total = sum(s.estimate_s for s in todo)
+    lines = [f"slmkd study plan — profile {cfg.profile}, outputs under {get_drive_root(cfg)}",
+             f"  {len(stages)} stages, {len(stages) - len(todo)} already complete, "
+             f"{len(todo)} to run; estimated {total / 60:.1f} min on this hardware"
+             + (" (tiny profile, 2-core CPU calibration)" if cfg.is_tiny else " (rough GPU estimate)")]
+    by_kind: dict[str, list[Stage]] = {}
+    for s in stages:
+        by_kind.setdefault(s.kind, []).append(s)
+    for kind, group in by_kind.items():
+        n_todo = sum(not s.done for s in group)
+        lines.append(f"  - {kind:6s} {len(group):3d} ({n_todo} to run)"
+                     + (f": {group[0].label}" if len(group) == 1 else
+                        f": e.g. {group[0].label}"))
+    return "\n".join(lines)
+
+
+def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
+    if stage.kind == "world":
+        from slmkd.tiny import ensure_tiny_world
+
+        world = ensure_tiny_world(cfg)
+        print(f"tiny teacher held-out accuracy: {world.teacher_accuracy:.1%}")
+    elif stage.kind == "cot":
+        from slmkd.teacher import generate_cot
+
+        generate_cot(cfg)
+    elif stage.kind == "train":
+        from slmkd.trainer import train
+
+        p = stage.params
+        train(cfg, p["method"], p["student"], p["seed"])
+    elif stage.kind == "eval":
+        from slmkd.evaluation import evaluate_model, evaluate_run
+
+        p = stage.params
+        if p["kind"] == "run":
+            evaluate_run(cfg, p["run_dir"], datasets=[p["dataset"]])
+        else:
+            evaluate_model(cfg, p["model"], p["dataset"], kind=p["kind"])
+
+
+def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
+              students: list[str] | None = None, seeds: list[int] | None = None,
+              ) -> StudyResult:
+    """Run (or continue) the whole study and write the report. Returns where it is."""
+    from tqdm.auto import tqdm
+
+    from slmkd.report import write_report
+    from slmkd.runtime import get_drive_root, set_cpu_threads
+
+    set_cpu_threads()
+    t0 = time.time()
+    stages = plan_study(cfg, methods, students, seeds)
+    print(format_plan(cfg, stages), flush=True)
+    todo = [s for s in stages if not s.done and s.kind != "report"]
+    bar = tqdm(total=len(todo), desc="study", unit="stage")
+    for stage in todo:
+        bar.set_postfix_str(stage.label[:60])
+        t = time.time()
+        _run_stage(cfg, stage)
+        stage.done = True
+        logger.info("%s: %.1f s", stage.label, time.time() - t)
+        bar.update(1)
+    bar.close()
+    out = write_report(cfg, get_drive_root(cfg))
+    report_path, headline = (out if isinstance(out, tuple) else (out, ""))
+    wall = time.time() - t0
+    print(f"\nreport: {report_path}\n{headline}\nstudy finished in {wall / 60:.1f} min", flush=True)
+    return StudyResult(Path(report_path) if report_path else None, headline, stages, wall)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def _run_command(args: argparse.Namespace) -> int:
+    import os
+
+    from slmkd.cli import config_from_args
+
+    if args.profile is None and not os.environ.get("SLMKD_PROFILE"):
+        args.profile = "tiny"  # the main job's default: the tiny study, offline on a CPU
+    overrides: dict[str, Any] = {}
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
+    if args.eval_limit is not None:
+        overrides["evaluation.gsm8k_limit"] = args.eval_limit
+        overrides["evaluation.bbh_limit"] = args.eval_limit
+    if args.cot_limit is not None:
+        overrides["generation.limit"] = args.cot_limit
+    cfg = config_from_args(args, **overrides)
+    run_study(cfg, methods=args.methods, students=args.students, seeds=args.seeds)
+    return 0
+
+
+def add_run_command(subparsers) -> None:
+    from slmkd.cli import add_profile_args
+
+    p = subparsers.add_parser(
+        "run", help="the whole study: teacher CoT → train → evaluate → report (resumable)")
+    add_profile_args(p)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="sft kd cascod cascod-2stage cascod-kd (default: config's methods)")
+    p.add_argument("--students", nargs="+", default=None,
+                   help="student keys (student_primary, student_small) or model names")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="cap training steps per run")
+    p.add_argument("--eval-limit", type=int, default=None, help="items per dataset (BBH: per task)")
+    p.add_argument("--cot-limit", type=int, default=None, help="teacher CoT items")
+    p.set_defaults(func=_run_command)
