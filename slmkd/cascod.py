@@ -239,9 +239,10 @@ class CasCoDStats:
 
 class CasCoDPairDataset:
     """A map-style dataset of paired examples; item ``i`` is
-    ``{"rationale_input_ids", "rationale_labels", "answer_input_ids", "answer_labels", "id"}``
-    (lists of ints). ``kind="rationale"`` / ``"answer"`` makes items plain single examples
-    ``{"input_ids", "labels", "id"}`` of that kind (the stages of ``cascod-2stage``)."""
+    ``{"rationale_input_ids", "rationale_labels", "answer_input_ids", "answer_labels",
+    "example_id"}`` (lists of ints, and the record id). ``kind="rationale"`` / ``"answer"`` makes
+    items plain single examples ``{"input_ids", "labels", "example_id"}`` of that kind (the stages
+    of ``cascod-2stage``; padded by :class:`slmkd.training_data.PaddingCollator`)."""
 
     def __init__(self, pairs: Sequence[tuple[str, Any, Any]], kind: str = "pair") -> None:
         if kind not in ("pair", "rationale", "answer"):
@@ -255,11 +256,12 @@ class CasCoDPairDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         rid, r_ex, a_ex = self.pairs[i]
         if self.kind == "rationale":
-            return {"input_ids": r_ex.input_ids, "labels": r_ex.labels, "id": rid}
+            return {"input_ids": r_ex.input_ids, "labels": r_ex.labels, "example_id": rid}
         if self.kind == "answer":
-            return {"input_ids": a_ex.input_ids, "labels": a_ex.labels, "id": rid}
+            return {"input_ids": a_ex.input_ids, "labels": a_ex.labels, "example_id": rid}
         return {"rationale_input_ids": r_ex.input_ids, "rationale_labels": r_ex.labels,
-                "answer_input_ids": a_ex.input_ids, "answer_labels": a_ex.labels, "id": rid}
+                "answer_input_ids": a_ex.input_ids, "answer_labels": a_ex.labels,
+                "example_id": rid}
 
     def with_kind(self, kind: str) -> CasCoDPairDataset:
         return CasCoDPairDataset(self.pairs, kind)
@@ -290,6 +292,9 @@ def build_cascod_dataset(
     pairs: list[tuple[str, Any, Any]] = []
     for rec in records:
         stats.total += 1
+        if isinstance(rec, dict) and not rec.get("keep", True):
+            stats.dropped["not_kept"] += 1
+            continue
         rid = str(rec.get("id", stats.total - 1)) if isinstance(rec, dict) else str(rec.id)
         completion = rec.get("completion") if isinstance(rec, dict) else None
         split = split_cot(completion)
@@ -369,6 +374,8 @@ class CasCoDCollator:
             attn[i, : len(s)] = 1
         batch = {"input_ids": _pad(ids, width, self.pad_token_id), "attention_mask": attn,
                  "labels": _pad(labels, width, IGNORE_INDEX)}
+        if "example_id" in items[0]:
+            batch["example_id"] = [it["example_id"] for it in items]
         if "rationale_input_ids" in items[0]:
             b = len(items)
             batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)
@@ -511,3 +518,221 @@ def error_propagation(
         "only_own_rationale": counts[(False, True)], "neither": counts[(False, False)],
         "skipped": dict(skipped), "rows": rows,
     }
+
+
+# -- losses --------------------------------------------------------------------------------------
+@dataclass
+class CasCoDLossOutput:
+    """The joint loss and its parts (scalars; ``loss`` carries the gradient).
+
+    ``rationale_loss``: the rationale term before the ``(1 - α_c)`` weight — a CE, or for
+    ``cascod-kd`` ``(1-α)·CE + α·T²·KL``; ``rationale_ce`` / ``answer_ce``: the CE parts;
+    ``kd``: the rationale KD part (0 without a teacher); token counts; non-finite chunks seen.
+    """
+
+    loss: Any
+    rationale_loss: Any
+    rationale_ce: Any
+    answer_ce: Any
+    kd: Any
+    rationale_tokens: Any
+    answer_tokens: Any
+    num_nonfinite: int
+
+
+def _fused_kwargs(chunk_size: int | None) -> dict[str, Any]:
+    import inspect
+
+    from slmkd.losses import fused_kd_loss
+
+    if chunk_size is not None and "chunk_size" in inspect.signature(fused_kd_loss).parameters:
+        return {"chunk_size": int(chunk_size)}
+    return {}
+
+
+def token_mean_ce(hidden: Any, weight: Any, labels: Any, *, vocab_size: int | None = None,
+                  num_items: Any = None, max_logit_abs: float = 50.0,
+                  chunk_size: int | None = None) -> Any:
+    """``(1/N) Σ_{t∈S} -log softmax(W h_t)[y_{t+1}]`` without materialising all logits: the
+    ``α = 0`` case of :func:`slmkd.losses.fused_kd_loss` (same clamp and guards). ``hidden``
+    [B, T, H], ``weight`` [V, H], ``labels`` [B, T] (unshifted, −100 ignored); ``N`` =
+    ``num_items`` (default: this batch's supervised count). Returns the ``KDLossOutput``."""
+    from slmkd.losses import fused_kd_loss
+
+    return fused_kd_loss(hidden, weight, None, None, labels, temperature=1.0, alpha=0.0,
+                         max_logit_abs=max_logit_abs, vocab_size=vocab_size,
+                         num_items_in_batch=num_items, **_fused_kwargs(chunk_size))
+
+
+def cascod_joint_loss(
+    student_hidden: Any,
+    student_weight: Any,
+    labels: Any,
+    num_rationale_rows: int,
+    *,
+    alpha_cascod: float = DEFAULT_ALPHA_CASCOD,
+    teacher_hidden: Any = None,
+    teacher_weight: Any = None,
+    temperature: float = 1.0,
+    kd_alpha: float = 0.0,
+    max_logit_abs: float = 50.0,
+    vocab_size: int | None = None,
+    num_rationale_tokens: Any = None,
+    num_answer_tokens: Any = None,
+    chunk_size: int | None = None,
+) -> CasCoDLossOutput:
+    """``L = (1 - α_c)·L_r + α_c·L_a`` on a stacked batch (rows ``< B`` rationale, ``≥ B`` answer).
+
+    Shapes: ``student_hidden`` [2B, T, H] (final normed hidden states), ``student_weight`` [V, H]
+    (lm_head), ``labels`` [2B, T] (unshifted; −100 off target), ``B = num_rationale_rows``.
+    ``L_r = (1/N_r) Σ_{t∈S_r} ℓ_t`` and ``L_a = (1/N_a) Σ_{t∈S_a} CE_t`` where ``N_r`` / ``N_a``
+    default to this batch's counts; the trainer passes the counts of the whole optimiser step
+    (all micro-batches and processes), so summing the returned losses over micro-batches gives
+    each term's token mean over the step. ``ℓ_t`` is the CE, or with ``teacher_hidden`` [B, T, H_t]
+    / ``teacher_weight`` [V_t, H_t] the KD loss ``(1 - α)·CE + α·T²·KL(p_t^T ‖ p_s^T)`` of
+    :func:`slmkd.losses.fused_kd_loss` (α = ``kd_alpha``, T = ``temperature``), computed on the
+    rationale rows only: the teacher's own rationale tokens.
+    """
+    from slmkd.losses import fused_kd_loss
+
+    b = int(num_rationale_rows)
+    if student_hidden.shape[0] != 2 * b or labels.shape[0] != 2 * b:
+        raise ValueError(f"expected 2*{b} rows (rationale then answer), got hidden "
+                         f"{tuple(student_hidden.shape)} and labels {tuple(labels.shape)}")
+    if not 0.0 <= alpha_cascod <= 1.0:
+        raise ValueError(f"alpha_cascod={alpha_cascod} must lie in [0, 1]")
+    kw = _fused_kwargs(chunk_size)
+    use_kd = teacher_hidden is not None
+    r = fused_kd_loss(student_hidden[:b], student_weight, teacher_hidden if use_kd else None,
+                      teacher_weight if use_kd else None, labels[:b], temperature=temperature,
+                      alpha=kd_alpha if use_kd else 0.0, max_logit_abs=max_logit_abs,
+                      vocab_size=vocab_size, num_items_in_batch=num_rationale_tokens, **kw)
+    a = fused_kd_loss(student_hidden[b:], student_weight, None, None, labels[b:],
+                      temperature=1.0, alpha=0.0, max_logit_abs=max_logit_abs,
+                      vocab_size=vocab_size, num_items_in_batch=num_answer_tokens, **kw)
+    loss = (1.0 - alpha_cascod) * r.loss + alpha_cascod * a.loss
+    return CasCoDLossOutput(
+        loss=loss, rationale_loss=r.loss, rationale_ce=r.ce, answer_ce=a.ce, kd=r.kd,
+        rationale_tokens=r.num_tokens, answer_tokens=a.num_tokens,
+        num_nonfinite=int(r.num_nonfinite) + int(a.num_nonfinite),
+    )
+
+
+# -- trainer integration -------------------------------------------------------------------------
+def count_pair_items(batch: dict[str, Any]) -> dict[str, Any]:
+    """Token counts of a stacked CasCoD batch: ``rationale`` and ``answer`` supervised tokens
+    (``labels[:, 1:] != -100``) and their sum ``supervised`` (what the low-token guard checks)."""
+    from slmkd.training_data import count_supervised
+
+    b = int(batch["num_rationale_rows"])
+    nr = count_supervised(batch["labels"][:b])
+    na = count_supervised(batch["labels"][b:])
+    return {"rationale": nr, "answer": na, "supervised": nr + na}
+
+
+def _bbh_prompts_for(cfg: Any, records: Sequence[dict[str, Any]]) -> dict[str, str] | None:
+    if any(r.get("dataset") == "bbh" for r in records):
+        from slmkd.data import load_bbh_cot_prompts
+
+        return load_bbh_cot_prompts(cfg.data.bbh_dir)
+    return None
+
+
+def _datasets_for(kind: str):
+    def build(cfg: Any, records: Sequence[dict[str, Any]], tokenizer: Any):
+        return build_cascod_dataset(
+            tokenizer, records, max_length=cfg.train.max_seq_length,
+            min_supervised_tokens=cfg.train.min_supervised_tokens,
+            answer_cue=cfg.cascod.answer_cue, bbh_prompts=_bbh_prompts_for(cfg, records),
+            kind=kind)
+
+    build.__name__ = f"build_cascod_{kind}_dataset"
+    return build
+
+
+def _make_pair_collator(cfg: Any, tokenizer: Any) -> CasCoDCollator:
+    import torch
+
+    return CasCoDCollator(tokenizer.pad_token_id,
+                          pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+
+
+def _joint_compute_loss(trainer: Any, model: Any, inputs: dict[str, Any], items: dict[str, Any],
+                        *, use_teacher: bool) -> tuple[Any, dict[str, Any]]:
+    """``compute_loss`` of ``cascod`` / ``cascod-kd`` for :class:`slmkd.trainer.MethodSpec`."""
+    import torch
+
+    cfg = trainer.cfg
+    b = int(inputs["num_rationale_rows"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    hs, ws = trainer.student_hidden(model, ids, mask)
+    ht = wt = None
+    if use_teacher:
+        ht, wt = trainer.teacher_hidden(ids[:b], mask[:b])
+    out = cascod_joint_loss(
+        hs, ws, inputs["labels"], b, alpha_cascod=cfg.cascod.alpha_cascod,
+        teacher_hidden=ht, teacher_weight=wt, temperature=trainer.temperature,
+        kd_alpha=trainer.alpha if use_teacher else 0.0, max_logit_abs=cfg.kd.max_logit_abs,
+        vocab_size=trainer.vocab_size, num_rationale_tokens=items.get("rationale"),
+        num_answer_tokens=items.get("answer"), chunk_size=cfg.kd.chunk_size)
+    ac = cfg.cascod.alpha_cascod
+    metrics = {
+        # "ce": the joint cross-entropy objective (both terms' CE with the α_c weights)
+        "ce": ((1.0 - ac) * out.rationale_ce + ac * out.answer_ce).detach(),
+        "kd": torch.as_tensor(out.kd).detach(),
+        "rationale_ce": out.rationale_ce.detach(),
+        "answer_ce": out.answer_ce.detach(),
+        "num_nonfinite": torch.as_tensor(out.num_nonfinite),
+    }
+    return out.loss, metrics
+
+
+def _cascod_loss(trainer, model, inputs, items):
+    return _joint_compute_loss(trainer, model, inputs, items, use_teacher=False)
+
+
+def _cascod_kd_loss(trainer, model, inputs, items):
+    return _joint_compute_loss(trainer, model, inputs, items, use_teacher=True)
+
+
+def _stage_ce_loss(trainer, model, inputs, items):
+    from slmkd.trainer import kd_or_ce_loss
+
+    return kd_or_ce_loss(trainer, model, inputs, items, use_teacher=False)
+
+
+def register_cascod_methods() -> None:
+    """Register ``cascod``, ``cascod-kd``, ``cascod-2stage`` (and its two stages,
+    ``cascod-stage1`` q→r and ``cascod-stage2`` q,r→a) with :mod:`slmkd.trainer`."""
+    from slmkd.trainer import MethodSpec, register_method
+
+    base = ("models", "data", "train", "cascod", "generation", "tiny")
+    register_method(MethodSpec(
+        name="cascod", needs_teacher=False, build_datasets=_datasets_for("pair"),
+        compute_loss=_cascod_loss, make_collator=_make_pair_collator,
+        count_items=count_pair_items, config_sections=base,
+        description="CasCoD (joint): (1-α_c)·CE(q→r) + α_c·CE(q,r→a), α_c = 0.1 (authors')."))
+    register_method(MethodSpec(
+        name="cascod-kd", needs_teacher=True, build_datasets=_datasets_for("pair"),
+        compute_loss=_cascod_kd_loss, make_collator=_make_pair_collator,
+        count_items=count_pair_items, config_sections=base + ("kd",),
+        description="CasCoD with logit KD on the rationale term: "
+                    "(1-α_c)·[(1-α)·CE + α·T²·KL](q→r) + α_c·CE(q,r→a)."))
+    register_method(MethodSpec(
+        name="cascod-stage1", needs_teacher=False, build_datasets=_datasets_for("rationale"),
+        compute_loss=_stage_ce_loss, config_sections=base,
+        description="CasCoD two-stage, stage 1: CE on q→r."))
+    register_method(MethodSpec(
+        name="cascod-stage2", needs_teacher=False, build_datasets=_datasets_for("answer"),
+        compute_loss=_stage_ce_loss, config_sections=base,
+        description="CasCoD two-stage, stage 2: CE on q,r→a, from stage 1's weights."))
+    register_method(MethodSpec(
+        name="cascod-2stage", needs_teacher=False, stages=("cascod-stage1", "cascod-stage2"),
+        config_sections=base,
+        description="CasCoD sequential: stage 1 q→r, then stage 2 q,r→a from stage 1's model."))
+
+
+try:  # the trainer imports this module lazily to register the methods
+    register_cascod_methods()
+except ImportError:  # pragma: no cover - torch/transformers missing: data helpers still work
+    logger.debug("slmkd.trainer not importable; CasCoD methods not registered")

@@ -8,17 +8,24 @@ import importlib
 import logging
 import sys
 
-# (module, function) pairs, in the order shown by ``slmkd --help``.
-_COMMANDS: list[tuple[str, str]] = [
-    ("slmkd.cli", "add_config_command"),
-    ("slmkd.preflight", "add_preflight_command"),
-    ("slmkd.cli", "add_tiny_command"),
-    ("slmkd.teacher", "add_generate_cot_command"),
-    ("slmkd.trainer", "add_train_command"),
-    ("slmkd.evaluation", "add_evaluate_command"),
-    ("slmkd.report", "add_report_command"),
-    ("slmkd.pipeline", "add_run_command"),
-]
+# name → (module, function that adds the subparser, one-line help). Only the chosen subcommand's
+# module is imported, so ``slmkd --help`` and ``slmkd config`` start without loading torch.
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "config": ("slmkd.cli", "add_config_command", "print the resolved configuration as JSON"),
+    "preflight": ("slmkd.preflight", "add_preflight_command",
+                  "GPU, Drive, versions, env overrides and the VRAM plan"),
+    "tiny": ("slmkd.cli", "add_tiny_command", "build (or show) the cached tiny offline world"),
+    "generate-cot": ("slmkd.teacher", "add_generate_cot_command",
+                     "generate, filter and store teacher chain-of-thought (notebook 01)"),
+    "train": ("slmkd.trainer", "add_train_command",
+              "train one student: sft, kd, cascod, cascod-2stage, cascod-kd (02/03)"),
+    "evaluate": ("slmkd.evaluation", "add_evaluate_command",
+                 "evaluate a run or a model on GSM8K/BBH (notebook 04)"),
+    "report": ("slmkd.report", "add_report_command",
+               "tables, paired statistics and plots across seeds (notebook 05)"),
+    "run": ("slmkd.pipeline", "add_run_command",
+            "the whole study: CoT -> train -> evaluate -> report (resumable)"),
+}
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +54,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def add_config_command(subparsers) -> None:
-    p = subparsers.add_parser("config", help="print the resolved configuration as JSON")
+    p = subparsers.add_parser("config", help=_COMMANDS["config"][2])
     add_profile_args(p)
     p.set_defaults(func=_config_command)
 
@@ -67,12 +74,13 @@ def _tiny_command(args: argparse.Namespace) -> int:
 
 def add_tiny_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "tiny", help="build (or show) the cached tiny offline world: tokenizer, models, task")
+        "tiny", help=_COMMANDS["tiny"][2])
     add_profile_args(p)
     p.set_defaults(func=_tiny_command, profile="tiny")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when ``command`` is None)."""
     from slmkd._version import __version__
 
     parser = argparse.ArgumentParser(
@@ -80,21 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slmkd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module, func in _COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a stage not installed in this build: no subcommand
-            if e.name != module:
-                raise
+    for name, (module, func, help_text) in _COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text, add_help=False)
             continue
-        add = getattr(mod, func, None)
-        if add is not None:
-            add(sub)
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in _COMMANDS), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

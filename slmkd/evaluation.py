@@ -131,7 +131,6 @@ _CUE_RE = re.compile(
 )
 _BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 _NEXT_QUESTION_RE = re.compile(r"\n\s*(?:Q|Question)\s*:")
-_MARKDOWN_RE = re.compile(r"\*\*|__|`+|^\s*#+\s*", re.MULTILINE)
 
 
 def _clean_markdown(text: str) -> str:

@@ -2,8 +2,8 @@
 
 Every ``log_every`` optimiser steps the trainer logs (one JSON object per line in
 ``{run_dir}/log.jsonl``): ``step``, ``epoch``, ``loss``, ``ce``, ``kd``, ``temperature``, ``alpha``,
-``grad_norm``, ``learning_rate``, ``tokens_per_s``, ``skipped_batches`` and, on CUDA,
-``vram_allocated_gb``, ``vram_reserved_gb``, ``vram_peak_gb``. :class:`TrainingMonitor` appends them
+``grad_norm``, ``learning_rate``, ``tokens_per_s``, ``skipped_batches`` and, on
+CUDA, ``vram_allocated_gb``, ``vram_reserved_gb``, ``vram_peak_gb``. :class:`TrainingMonitor` appends them
 (main process only) and redraws three figures — loss/CE/KD, gradient norm, VRAM — saved as PNG in
 ``{run_dir}/plots/`` and, with ``live_plot=True`` inside a notebook, shown inline and updated in place
 (``IPython.display`` with a display id). Figures use matplotlib's object API (no pyplot state),
@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,16 +182,18 @@ class LivePlot:
 class TrainingMonitor(TrainerCallback):
     """Appends every training log to ``{run_dir}/log.jsonl`` and redraws the plots.
 
-    Only the main process writes. ``plot_every`` = redraw every n-th log (PNGs always at the end).
+    Only the main process writes. Plots are redrawn at most every ``min_interval_s`` seconds
+    (drawing costs ~0.1 s per figure) and always at the end of training.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, live_plot: bool = False, plot_every: int = 1):
+    def __init__(self, run_dir: str | os.PathLike, live_plot: bool = False,
+                 min_interval_s: float = 15.0):
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / LOG_NAME
         self.plots_dir = self.run_dir / "plots"
         self.live = LivePlot() if live_plot else None
-        self.plot_every = max(1, plot_every)
-        self._n = 0
+        self.min_interval_s = min_interval_s
+        self._last_draw = 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -200,8 +203,7 @@ class TrainingMonitor(TrainerCallback):
         entry = {"step": state.global_step, "epoch": state.epoch, **logs}
         entry.pop("total_flos", None)
         append_log(self.log_path, entry)
-        self._n += 1
-        if self._n % self.plot_every == 0:
+        if time.time() - self._last_draw >= self.min_interval_s:
             self.redraw()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -209,6 +211,7 @@ class TrainingMonitor(TrainerCallback):
             self.redraw()
 
     def redraw(self) -> None:
+        self._last_draw = time.time()
         entries = read_log(self.log_path)
         if not entries:
             return

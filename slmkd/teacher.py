@@ -301,8 +301,9 @@ def _training_records(cfg: Any, dataset: str, limit: int | None):
 # ---------------------------------------------------------------------------------------------
 def _make_record(rec: Any, prompt: str, out: Any, *, teacher_slug: str, h: str, backend: str,
                  fcfg: FilterConfig) -> dict[str, Any]:
-    res = apply_filters(rec.dataset, out.text, rec.answer, hit_max_new_tokens=out.hit_max_new_tokens,
-                        task=rec.task, question=rec.question, config=fcfg)
+    res = apply_filters(rec.dataset, out.text, rec.answer,
+                        hit_max_new_tokens=out.hit_max_new_tokens, task=rec.task,
+                        question=rec.question, config=fcfg)
     return {
         "id": rec.id,
         "dataset": rec.dataset,

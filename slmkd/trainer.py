@@ -6,12 +6,12 @@ A training method is a :class:`MethodSpec` registered with :func:`register_metho
 
     register_method(MethodSpec(
         name="my-method",
-        needs_teacher=False,                           # load the teacher (eval, no grad)?
-        build_datasets=my_build,                       # (cfg, records, tokenizer) -> (dataset, stats)
-        compute_loss=my_loss,                          # (trainer, model, inputs, items) -> (loss, metrics)
-        make_collator=None,                            # (cfg, tokenizer) -> collator; default PaddingCollator
-        count_items=None,                              # (batch) -> {name: int tensor}; default supervised
-        stages=(),                                     # names of registered methods run one after another
+        needs_teacher=False,        # load the teacher (eval mode, no grad)?
+        build_datasets=my_build,    # (cfg, records, tokenizer) -> (dataset, stats)
+        compute_loss=my_loss,       # (trainer, model, inputs, items) -> (loss, metrics)
+        make_collator=None,         # (cfg, tokenizer) -> collator; default PaddingCollator
+        count_items=None,           # (batch) -> {name: int tensor}; default "supervised"
+        stages=(),                  # registered methods run one after another (two-stage)
         config_sections=("models", "data", "train", "generation", "tiny"),
     ))
 
@@ -65,7 +65,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import Counter
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +328,8 @@ class DistillationTrainer(Trainer):
                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher final hidden states [B, T, H_t] and lm_head weight [V_t, H_t] (eval, no grad)."""
         if self.teacher is None:
-            raise RuntimeError(f"Method {self.spec.name!r} asked for the teacher but none is loaded.")
+            raise RuntimeError(
+                f"Method {self.spec.name!r} asked for the teacher but none is loaded.")
         self.teacher.eval()
         dec = self._decoder(self.teacher)
         dev = next(self.teacher.parameters()).device
@@ -457,10 +458,10 @@ class DistillationTrainer(Trainer):
         if opt is not None and not getattr(opt, "_slmkd_guarded", False):
             original = opt.step
 
-            def step(closure=None, _orig=original, _opt=opt):
-                return self._guarded_optimizer_step(_orig, _opt, closure)
+            def step(opt_self, closure=None, _orig=original):
+                return self._guarded_optimizer_step(_orig, opt_self, closure)
 
-            opt.step = step
+            opt.step = types.MethodType(step, opt)  # a bound method: torch's LR scheduler wraps it
             opt._slmkd_guarded = True
         return super().create_scheduler(num_training_steps, optimizer=optimizer)
 
@@ -513,7 +514,8 @@ class ScheduleCallback(TrainerCallback):
     def _update(self, state) -> None:
         if self.trainer is not None:
             epoch = int(state.epoch or 0)
-            self.trainer.temperature, self.trainer.alpha = self.trainer.cfg.schedule_for_epoch(epoch)
+            t, a = self.trainer.cfg.schedule_for_epoch(epoch)
+            self.trainer.temperature, self.trainer.alpha = t, a
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._update(state)
@@ -714,7 +716,8 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
     if len(dataset) == 0:
         raise ValueError(f"No training example survived for {method}: {data_stats}")
     stats_dict = data_stats.to_dict() if hasattr(data_stats, "to_dict") else dict(data_stats)
-    _say(f"[{method}] data: {data_stats.summary() if hasattr(data_stats, 'summary') else stats_dict}")
+    desc = data_stats.summary() if hasattr(data_stats, "summary") else stats_dict
+    _say(f"[{method}] data: {desc}")
 
     device = state.device
     set_seed(int(seed))
@@ -908,4 +911,4 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = ["MethodSpec", "register_method", "get_method", "registered_methods",
            "DistillationTrainer", "ScheduleCallback", "GuardState", "TrainResult", "train",
            "run_dir_for", "is_run_complete", "add_train_command", "kd_or_ce_loss",
-           "default_count_items", "build_cot_datasets", "RunConfigMismatchError", Counter.__name__]
+           "default_count_items", "build_cot_datasets", "RunConfigMismatchError"]

@@ -141,10 +141,10 @@ def test_build_dataset_counts_drops(tok):
                                    "split:empty_answer": 1,
                                    "rationale:too_few_supervised_tokens": 1}
     item = ds[0]
-    assert item["id"] == "a"
-    assert set(item) == {"id", "rationale_input_ids", "rationale_labels", "answer_input_ids",
+    assert item["example_id"] == "a"
+    assert set(item) == {"example_id", "rationale_input_ids", "rationale_labels", "answer_input_ids",
                          "answer_labels"}
-    assert set(ds.with_kind("answer")[0]) == {"id", "input_ids", "labels"}
+    assert set(ds.with_kind("answer")[0]) == {"example_id", "input_ids", "labels"}
     assert ds.with_kind("answer")[0]["input_ids"] == item["answer_input_ids"]
 
 

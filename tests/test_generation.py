@@ -64,7 +64,8 @@ def test_batched_equals_one_by_one_in_input_order(lm):
     for o in batched:
         assert isinstance(o, GenerationOutput)
         assert 1 <= o.num_new_tokens <= 6
-        assert o.hit_max_new_tokens == (o.num_new_tokens == 6 and o.hit_max_new_tokens)
+        if o.hit_max_new_tokens:
+            assert o.num_new_tokens == 6
 
 
 def test_iter_yields_longest_bucket_first(lm):
@@ -86,8 +87,6 @@ def test_stops_at_eos_from_generation_config(lm):
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
-    free = generate_batched(model, tok, [prompt], max_new_tokens=4, batch_size=1,
-                            show_progress=False)[0]
     old = model.generation_config.eos_token_id
     try:
         model.generation_config.eos_token_id = [first]  # the very first greedy token now ends it
@@ -95,9 +94,7 @@ def test_stops_at_eos_from_generation_config(lm):
                                    show_progress=False)[0]
     finally:
         model.generation_config.eos_token_id = old
-    assert stopped == GenerationOutput("", 1, False)
-    if first not in eos_token_ids(model, tok):
-        assert free.num_new_tokens == 4 or free.text != ""
+    assert stopped == GenerationOutput("", 1, False)  # EOS counted, not decoded, not truncated
 
 
 def test_hit_max_new_tokens_when_no_eos(lm):

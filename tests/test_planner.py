@@ -1,0 +1,178 @@
+"""VRAM planner: parameter counts, the activation model, the breakdown and the recommendation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from slmkd.config import load_config
+from slmkd.planner import (
+    GIB,
+    PRESETS,
+    ModelSpec,
+    TrainSetup,
+    _activation_bytes_per_token_layer,
+    estimate_memory,
+    model_spec,
+    plan_for_config,
+    recommend_batch,
+)
+
+
+def _qwen2(hidden=64, layers=2, heads=4, kv=2, inter=160, vocab=300, tie=True):
+    cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                      tie_word_embeddings=tie)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie": False}, {"kv": 4}, {"heads": 8, "kv": 1, "layers": 3}])
+def test_param_count_matches_transformers(kw):
+    cfg = _qwen2(**kw)
+    model = Qwen2ForCausalLM(cfg)
+    assert ModelSpec.from_config(cfg).num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_presets_match_published_sizes():
+    # Qwen2.5 model cards: 7.61B, 3.09B, 1.54B, 0.49B parameters.
+    assert PRESETS["qwen2.5-7b"].num_params == 7_615_616_512
+    assert PRESETS["qwen2.5-3b"].num_params == 3_085_938_688
+    assert PRESETS["qwen2.5-1.5b"].num_params == 1_543_714_304
+    assert round(PRESETS["qwen2.5-0.5b"].num_params / 1e9, 2) == 0.49
+
+
+def test_model_spec_resolution(tmp_path):
+    assert model_spec("Qwen/Qwen2.5-3B-Instruct") is PRESETS["qwen2.5-3b"]
+    assert model_spec("Qwen2.5-1.5B") is PRESETS["qwen2.5-1.5b"]
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(_qwen2(hidden=32, heads=2, kv=1).to_dict()))
+    spec = model_spec(str(folder))
+    assert spec.name == "my-model" and spec.hidden_size == 32 and spec.num_kv_heads == 1
+    assert model_spec(str(folder / "config.json")).num_params == spec.num_params
+    with pytest.raises(ValueError, match="config.json"):
+        model_spec("meta-llama/Unknown-13B")
+    with pytest.raises(ValueError, match="lacks the field"):
+        ModelSpec.from_config({"hidden_size": 8})
+
+
+def test_tiny_spec_from_profile_and_from_built_config(tmp_path):
+    cfg = load_config("tiny", overrides={"drive_root": str(tmp_path)}, environ={})
+    spec = model_spec("tiny-qwen2-student-m", cfg)
+    assert spec.hidden_size == cfg.tiny.student_m_hidden
+    assert spec.num_layers == cfg.tiny.student_m_layers
+    teacher = model_spec("tiny-qwen2-teacher", cfg)
+    assert teacher.vocab_size > spec.vocab_size  # teacher rows > student rows, as in the world
+    built = tmp_path / "tiny" / "models" / "tiny-qwen2-student-m"
+    built.mkdir(parents=True)
+    (built / "config.json").write_text(json.dumps(_qwen2(hidden=48, heads=4, kv=2).to_dict()))
+    assert model_spec("tiny-qwen2-student-m", cfg).hidden_size == 48  # the real config wins
+
+
+@pytest.mark.parametrize("dtype,padded", [(torch.bfloat16, False), (torch.bfloat16, True),
+                                          (torch.float32, True)])
+def test_activation_model_matches_saved_tensors(dtype, padded):
+    """The per-token activation formula against what autograd really saves (CPU, SDPA)."""
+    torch.manual_seed(0)
+    cfg = _qwen2(hidden=128, layers=2, heads=8, kv=2, inter=352, vocab=500)
+    model = Qwen2ForCausalLM(cfg).to(dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    b, s = 2, 48
+    ids = torch.randint(0, 500, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, -5:] = 0
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask if padded else None)
+    measured = sum(saved.values())
+    a = 2 if dtype == torch.bfloat16 else 4
+    setup = TrainSetup(batch_size=b, seq_len=s, act_bytes=a, padded=padded)
+    spec = ModelSpec.from_config(cfg)
+    est = (spec.num_layers * _activation_bytes_per_token_layer(spec, setup) * b * s
+           + (4 + 2 * a) * spec.hidden_size * b * s + (b * s * s * a if padded else 0))
+    assert measured == pytest.approx(est, rel=0.03)
+
+
+def _peak_parts(e):
+    c = e.components
+    persistent = c["student weights"] + c["optimizer states"] + c.get("teacher weights", 0)
+    return persistent, c
+
+
+def test_breakdown_is_consistent_and_options_move_it_the_right_way():
+    base = TrainSetup(method="kd", batch_size=4, seq_len=1024, gradient_checkpointing=False)
+    e = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base)
+    persistent, c = _peak_parts(e)
+    assert persistent < e.peak_allocated < persistent + sum(
+        v for k, v in c.items() if k not in ("student weights", "optimizer states",
+                                             "teacher weights"))
+    assert c["student weights"] == 2 * PRESETS["qwen2.5-1.5b"].num_params
+    assert c["optimizer states"] == 4 * PRESETS["qwen2.5-1.5b"].num_params  # 2 bf16 states
+    assert c["teacher weights"] == 2 * PRESETS["qwen2.5-7b"].num_params
+    assert e.total > e.peak_allocated  # CUDA context + fragmentation on top
+
+    ckpt = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, gradient_checkpointing=True)
+    assert ckpt.components["activations"] < c["activations"] / 5
+    q4 = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, teacher_4bit=True)
+    assert 2.0 < c["teacher weights"] / q4.components["teacher weights"] < 4.0
+    adam8 = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, optim="adamw_bnb_8bit")
+    assert adam8.components["optimizer states"] == c["optimizer states"] // 2
+    lora = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, lora=True, lora_r=16)
+    assert lora.components["optimizer states"] < c["optimizer states"] / 20
+    bigger = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, batch_size=8)
+    assert bigger.peak_allocated > e.peak_allocated
+    sft = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", base, method="sft")
+    assert "teacher weights" not in sft.components and sft.teacher is None
+    assert "peak allocated" in e.table() and "teacher" in e.table()
+
+
+def test_bad_setup_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        TrainSetup(method="distill")
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainSetup(optim="lion")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainSetup(batch_size=0)
+
+
+def test_recommendation_keeps_effective_batch_and_fits():
+    setup = TrainSetup(method="kd", seq_len=1024, gradient_checkpointing=True)
+    r40 = recommend_batch("Qwen2.5-1.5B", "Qwen2.5-7B", setup, 16, 40)
+    r80 = recommend_batch("Qwen2.5-1.5B", "Qwen2.5-7B", setup, 16, 80)
+    for r in (r40, r80):
+        assert r.fits and r.batch_size * r.grad_accum_steps == 16
+        assert r.estimate.total <= 0.92 * r.gpu_gib * GIB
+    assert r40.batch_size <= r80.batch_size
+    # larger micro-batches than the recommendation would not fit on the 40 GB card
+    if r40.batch_size < 16:
+        nxt = [d for d in (2, 4, 8, 16) if d > r40.batch_size][0]
+        over = estimate_memory("Qwen2.5-1.5B", "Qwen2.5-7B", setup, batch_size=nxt)
+        assert not over.fits(40 * GIB)
+    # nothing fits: the advice names the memory savers still off
+    r = recommend_batch("Qwen2.5-7B", "Qwen2.5-7B", TrainSetup(gradient_checkpointing=False),
+                        16, 40)
+    assert not r.fits and "gradient checkpointing" in r.advice and "4-bit" in r.advice
+
+
+def test_plan_for_config_profiles():
+    cfg = load_config("a100-80g", environ={})
+    plan = plan_for_config(cfg, method="kd", gpu=("A100-SXM4-80GB", 79.2))
+    d = plan.to_dict()
+    assert d["effective_batch"] == cfg.train.batch_size * cfg.train.grad_accum_steps
+    assert [r["gpu_gb"] for r in d["recommendations"]] == [40, 80]
+    assert d["estimate"]["student"] == "Qwen2.5-3B-Instruct"
+    assert "this GPU" in plan.summary()
+    json.dumps(d)  # serialisable
+    tiny = plan_for_config(load_config("tiny", environ={}), method="sft")
+    assert tiny.estimate.total_gib < 2 and tiny.recommendations[0].fits
