@@ -1,13 +1,13 @@
 """Training monitor: a JSONL log of the training metrics, VRAM figures and live plots.
 
 Every ``log_every`` optimiser steps the trainer logs (one JSON object per line in
-``{run_dir}/log.jsonl``): ``step``, ``epoch``, ``loss``, ``ce``, ``kd``, ``temperature``, ``alpha``,
-``grad_norm``, ``learning_rate``, ``tokens_per_s``, ``skipped_batches`` and, on
-CUDA, ``vram_allocated_gb``, ``vram_reserved_gb``, ``vram_peak_gb``. :class:`TrainingMonitor` appends them
-(main process only) and redraws three figures — loss/CE/KD, gradient norm, VRAM — saved as PNG in
-``{run_dir}/plots/`` and, with ``live_plot=True`` inside a notebook, shown inline and updated in place
-(``IPython.display`` with a display id). Figures use matplotlib's object API (no pyplot state),
-so they work headless with the Agg backend.
+``{run_dir}/log.jsonl``): ``step``, ``epoch``, ``loss``, ``ce``, ``kd``, ``temperature``,
+``alpha``, ``grad_norm``, ``learning_rate``, ``tokens_per_s``, ``skipped_batches`` and, on CUDA,
+``vram_allocated_gb``, ``vram_reserved_gb``, ``vram_peak_gb``. :class:`TrainingMonitor` appends
+them (main process only) and redraws three figures — loss/CE/KD, gradient norm, VRAM — saved as
+PNG in ``{run_dir}/plots/`` and, with ``live_plot=True`` inside a notebook, shown inline and
+updated in place (``IPython.display`` with a display id). Figures use matplotlib's object API
+(no pyplot state), so they work headless with the Agg backend.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ def _problems(n: int) -> list[dict[str, Any]]:
     for i in range(n):
         a, b = 3 + (i * 7) % 40, 2 + (i * 5) % 30
         q = f"Tom has {a} apples and buys {b} more. How many apples does he have?"
-        rows.append({"id": f"gsm8k-train-{i:05d}", "question": q,
-                     "completion": f"Tom has {a} apples.\n{a} + {b} = {a + b}\nThe answer is {a + b}.",
+        completion = f"Tom has {a} apples.\n{a} + {b} = {a + b}\nThe answer is {a + b}."
+        rows.append({"id": f"gsm8k-train-{i:05d}", "question": q, "completion": completion,
                      "gold": str(a + b)})
     return rows
 
@@ -73,7 +73,7 @@ def overrides(root: str | Path, **extra: Any) -> dict[str, Any]:
         "train.batch_size": 8, "train.grad_accum_steps": 1, "train.learning_rate": 3e-3,
         "train.epochs": 1, "kd.temperature_schedule": [2.0], "kd.alpha_schedule": [0.5],
         "train.log_every": 2, "train.save_steps": 1000, "train.warmup_ratio": 0.0,
-        "train.lr_scheduler_type": "constant", "train.max_seq_length": 96,
+        "train.lr_scheduler_type": "constant", "train.max_seq_length": 128,
         "train.local_checkpoint_dir": str(root / "local_ckpt"),
     }
     o.update(extra)
