@@ -1,0 +1,92 @@
+"""Small helpers shared by the numbered notebooks: the config they all resolve the same way,
+the FAST (smoke-test) sizes used in CI, and inline display of the figures a stage wrote."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slmkd.config import ExperimentConfig
+
+FAST_ENV = "SLMKD_NB_FAST"
+
+#: Smoke-test sizes (``SLMKD_NB_FAST=1``, the default on the tiny profile): every stage runs for
+#: real but briefly, so the six notebooks execute in a few minutes on 2 CPU cores. The numbers
+#: they produce mean nothing; ``slmkd run --profile tiny`` is the full tiny study.
+FAST_OVERRIDES: dict[str, Any] = {
+    "train.max_steps": 12,
+    "train.save_steps": 6,
+    "train.log_every": 3,
+    "generation.limit": 48,
+    "generation.keep_incorrect": True,  # a briefly trained tiny teacher is often wrong
+    "evaluation.gsm8k_limit": 24,
+    "evaluation.bbh_limit": 3,
+}
+FAST_TINY_OVERRIDES: dict[str, Any] = {
+    "tiny.num_train": 400,
+    "tiny.num_test": 60,
+    "tiny.teacher_pretrain_steps": 60,
+    "evaluation.batch_size": 24,
+}
+
+
+def fast_mode(profile: str, environ: dict[str, str] | None = None) -> bool:
+    """``$SLMKD_NB_FAST`` if set (1/0), else True exactly for the tiny profile."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(FAST_ENV)
+    if raw is None or raw.strip() == "":
+        return profile == "tiny"
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def notebook_config(profile: str, overrides: dict[str, Any] | None = None,
+                    fast: bool = False) -> ExperimentConfig:
+    """The config every notebook resolves identically: profile → the parameters cell's
+    ``overrides`` (``None`` values mean "the profile's value") → FAST sizes → ``SLM_KD_*``
+    environment overrides (applied by :func:`slmkd.config.load_config`)."""
+    from slmkd.config import load_config
+
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if fast:
+        ov.update(FAST_OVERRIDES)
+        if profile == "tiny":
+            ov.update(FAST_TINY_OVERRIDES)
+    return load_config(profile=profile, overrides=ov)
+
+
+def show_figures(paths: Iterable[str | os.PathLike] | str | os.PathLike | None) -> list[Path]:
+    """Display PNG files (or every PNG in a folder) inline; print their paths outside IPython.
+
+    Missing files are reported, not fatal. Returns the files shown."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.png")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            print(f"(figure not found: {p})")
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+
+        inline = get_ipython() is not None
+    except ImportError:  # pragma: no cover
+        inline = False
+    for f in files:
+        if inline:
+            display(Image(filename=str(f)))
+        else:
+            print(f"figure: {f}")
+    return files
+
+
+__all__ = ["FAST_ENV", "FAST_OVERRIDES", "FAST_TINY_OVERRIDES", "fast_mode", "notebook_config",
+           "show_figures"]
