@@ -24,9 +24,11 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from slmkd.data.gsm8k import normalize_number
 
 try:  # the lead's prompt module defines the trained final-answer format
     from slmkd.data.prompts import FINAL_ANSWER_PREFIX
@@ -192,29 +194,6 @@ def _strip_wrappers(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Numbers / GSM8K
 # ---------------------------------------------------------------------------------------------
-
-
-def normalize_number(s: str | None) -> str | None:
-    """Canonical string of a number: ``"$1,234.50"`` -> ``"1234.5"``, ``"18.00"`` -> ``"18"``.
-
-    Strips ``$``, thousands commas, spaces, a trailing period and a trailing ``%``. Returns
-    ``None`` when the text is not a number.
-    """
-    if s is None:
-        return None
-    t = str(s).strip().replace("$", "").replace(",", "").replace(" ", "")
-    t = t.rstrip(".").rstrip("%")
-    if t.startswith("+"):
-        t = t[1:]
-    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)", t):
-        return None
-    try:
-        d = Decimal(t)
-    except InvalidOperation:  # pragma: no cover - guarded by the regex
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
 
 
 def _number_word(s: str) -> int | None:

@@ -54,7 +54,7 @@ def _est(cfg: ExperimentConfig, key: str) -> float:
 def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
                students: list[str] | None = None, seeds: list[int] | None = None) -> list[Stage]:
     """The ordered list of stages, each marked done when its output is already complete."""
-    from slmkd.evaluation import eval_dir, is_eval_complete
+    from slmkd.evaluation import eval_dir
     from slmkd.modeling import model_slug
     from slmkd.runtime import get_drive_root
     from slmkd.teacher import cot_dir, is_cot_complete
@@ -92,7 +92,7 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
         eval_targets.append((slug, {"run_dir": p["run_dir"], "kind": "run"}))
     for slug, params in eval_targets:
         for ds in cfg.evaluation.datasets:
-            done = is_eval_complete(eval_dir(cfg, slug, ds))
+            done = (eval_dir(cfg, slug, ds) / "summary.json").is_file()
             est = _est(cfg, "eval") * (2 if "cascod" in slug else 1)
             stages.append(Stage("eval", f"evaluate {slug} on {ds}", done, est,
                                 {**params, "dataset": ds}))
@@ -108,7 +108,8 @@ def format_plan(cfg: ExperimentConfig, stages: list[Stage]) -> str:
     lines = [f"slmkd study plan — profile {cfg.profile}, outputs under {get_drive_root(cfg)}",
              f"  {len(stages)} stages, {len(stages) - len(todo)} already complete, "
              f"{len(todo)} to run; estimated {total / 60:.1f} min on this hardware"
-             + (" (tiny profile, 2-core CPU calibration)" if cfg.is_tiny else " (rough GPU estimate)")]
+             + (" (tiny profile, 2-core CPU calibration)" if cfg.is_tiny
+                else " (rough GPU estimate)")]
     by_kind: dict[str, list[Stage]] = {}
     for s in stages:
         by_kind.setdefault(s.kind, []).append(s)
@@ -151,7 +152,7 @@ def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     """Run (or continue) the whole study and write the report. Returns where it is."""
     from tqdm.auto import tqdm
 
-    from slmkd.report import write_report
+    from slmkd.report import build_report
     from slmkd.runtime import get_drive_root, set_cpu_threads
 
     set_cpu_threads()
@@ -168,8 +169,8 @@ def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
         logger.info("%s: %.1f s", stage.label, time.time() - t)
         bar.update(1)
     bar.close()
-    out = write_report(cfg, get_drive_root(cfg))
-    report_path, headline = (out if isinstance(out, tuple) else (out, ""))
+    report = build_report(cfg, get_drive_root(cfg))
+    report_path, headline = report.path, report.headline
     wall = time.time() - t0
     print(f"\nreport: {report_path}\n{headline}\nstudy finished in {wall / 60:.1f} min", flush=True)
     return StudyResult(Path(report_path) if report_path else None, headline, stages, wall)

@@ -16,8 +16,8 @@ Peak allocated memory of a training step (bytes; ``b`` micro-batch, ``s`` sequen
 ``a`` activation bytes — 2 for bf16)::
 
     persistent = student weights + optimizer states + teacher weights
-    backward   = saved activations + logits (+ grad) + chunked-loss working set
-                 + teacher logits + gradients already accumulated
+    backward   = saved activations + autocast's bf16 weight copies + final hidden states (+ grad)
+                 + chunked-loss working set + teacher hidden states + gradients already accumulated
     step       = gradients + the optimizer's transient buffers (foreach AdamW: one state copy)
     peak       = persistent + max(backward, step)
 
@@ -25,7 +25,8 @@ Saved activations per token and layer (transformers' Qwen2, SDPA attention, padd
 so K/V are repeated to ``n_h`` heads)::
 
     2 RMSNorms   2·(4H + 2aH)         fp32 upcast of the input, the normalised bf16 tensor
-                                      (for the weight's grad) and the output (next Linear's input)
+                                      (for the weight's grad) and the output (next Linear's input);
+                 2·(4H + 4H) + 5aH    under bf16 autocast over fp32 weights (slmkd.trainer)
     attention    4·a·(n_h·d)          q, k, v (repeated) and the attention output
     MLP          4·a·I                gate, silu(gate), up, silu·up
 
@@ -249,8 +250,9 @@ class TrainSetup:
     lora_r: int = 16
     gradient_checkpointing: bool = True
     chunk_size: int = 1024
-    param_bytes: int = 2  # bf16 weights (pure bf16 training, as slmkd.modeling loads them)
+    param_bytes: int = 4  # fp32 master weights (slmkd.trainer's full fine-tuning) or 2 (bf16)
     act_bytes: int = 2
+    autocast: bool = True  # bf16 autocast over fp32 weights (Trainer bf16=True)
     padded: bool = True  # a padding mask is present → K/V repeated to all heads in SDPA
 
     def __post_init__(self) -> None:
@@ -329,11 +331,18 @@ class MemoryEstimate:
 
 
 def _activation_bytes_per_token_layer(spec: ModelSpec, setup: TrainSetup) -> float:
-    """Saved activations of one decoder layer, bytes per token (see the module docstring)."""
+    """Saved activations of one decoder layer, bytes per token (see the module docstring).
+
+    Under bf16 autocast over fp32 weights the residual stream and the RMSNorms stay fp32
+    (``2·(4H + 4H)``) and each Linear saves its own bf16 cast of its input (q, k, v: 3·2H;
+    gate, up: 2·2H)."""
     a = setup.act_bytes
     h, q, i = spec.hidden_size, spec.q_dim, spec.intermediate_size
     kv = q if setup.padded else spec.kv_dim
-    norms = 2 * (4 * h + 2 * a * h)
+    if setup.autocast and setup.param_bytes == 4:
+        norms = 2 * (4 * h + 4 * h) + 5 * a * h
+    else:
+        norms = 2 * (4 * h + 2 * a * h)
     attn = a * (2 * q + 2 * kv) + 4 * spec.num_heads  # q, k, v, out + fp32 logsumexp per head
     mlp = 4 * a * i
     return norms + attn + mlp
@@ -366,6 +375,12 @@ def estimate_memory(
     if setup.lora:
         comp["student weights"] += trainable * 4  # adapters kept in fp32 by PEFT
     tb = 4 if setup.lora else pb
+    mixed = setup.autocast and pb == 4
+    # autocast keeps a bf16 copy of every trainable Linear weight (the tied lm_head included)
+    # for the whole forward/backward
+    comp["autocast weight copies"] = (
+        (st.linear_params() + st.vocab_size * st.hidden_size) * a if mixed and not setup.lora
+        else 0)
     per_state = OPTIMIZER_STATE_BYTES[setup.optim]
     state_bytes = 2 * tb if per_state is None else per_state
     comp["optimizer states"] = int(trainable * state_bytes)
@@ -386,13 +401,15 @@ def estimate_memory(
     comp["activations"] = int(saved + final_norm + mask)
     comp["recomputed layer (ckpt)"] = int(recompute)
 
-    # -- logits and the chunked loss -----------------------------------------------------------
-    # Full student logits (bf16) are produced by the model and kept for backward, and their
-    # gradient of the same size is built chunk by chunk; the fp32 working set of one chunk:
-    # log-softmax (+ grad), softmax of the teacher (KD), a temporary.
+    # -- the fused, chunked loss ---------------------------------------------------------------
+    # slmkd.trainer never materialises the logits: the loss gets the final hidden states
+    # [tokens, H] (fp32 under autocast, + their gradient) and the lm_head weight, and computes
+    # logits chunk by chunk; one chunk's fp32 working set: logits, (log-)softmax and its
+    # gradient, plus the teacher's logits and softmax for KD.
     chunk = min(setup.chunk_size, tokens)
-    comp["student logits (+grad)"] = 2 * a * tokens * v
-    n_fp32 = 4 if setup.uses_teacher else 3
+    hb = 4 if mixed else a
+    comp["hidden states for the loss"] = 2 * hb * tokens * st.hidden_size
+    n_fp32 = 5 if setup.uses_teacher else 3
     comp["loss working set (chunk)"] = n_fp32 * 4 * chunk * v
 
     # -- teacher -------------------------------------------------------------------------------
@@ -404,14 +421,15 @@ def estimate_memory(
         else:
             w = te.num_params * pb
         comp["teacher weights"] = int(w)
-        comp["teacher logits"] = a * tokens * te.vocab_size
+        comp["teacher hidden states"] = a * tokens * te.hidden_size
         # transient of the no-grad forward is freed before the student's backward: not counted.
 
     persistent = comp["student weights"] + comp["optimizer states"] + comp.get("teacher weights", 0)
     grads_resident = grads if setup.grad_accum_steps > 1 else 0
     backward = (comp["activations"] + comp["recomputed layer (ckpt)"]
-                + comp["student logits (+grad)"] + comp["loss working set (chunk)"]
-                + comp.get("teacher logits", 0) + grads_resident)
+                + comp["autocast weight copies"]
+                + comp["hidden states for the loss"] + comp["loss working set (chunk)"]
+                + comp.get("teacher hidden states", 0) + grads_resident)
     step = grads + step_temp
     comp["gradients"] = int(grads)
     comp["optimizer step transient"] = int(step_temp)
@@ -484,6 +502,8 @@ def setup_from_config(cfg: ExperimentConfig, method: str = "kd", **overrides: An
         optim=tr.optim if tr.optim in OPTIMIZER_STATE_BYTES else "adamw_torch",
         lora=tr.use_lora, lora_r=tr.lora_r, gradient_checkpointing=tr.gradient_checkpointing,
         chunk_size=cfg.kd.chunk_size,
+        # slmkd.trainer: fp32 student + bf16 autocast; with LoRA the student is loaded in bf16
+        param_bytes=2 if tr.use_lora else 4,
     )
     values.update(overrides)
     return TrainSetup(**values)

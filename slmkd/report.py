@@ -39,7 +39,7 @@ __all__ = ["ReportResult", "add_report_command", "build_report", "collect_result
 logger = logging.getLogger(__name__)
 
 BASELINE_METHOD = "sft"
-METHOD_ORDER = ["sft", "kd", "cascod", "cascod-2stage", "cascod-kd"]
+METHOD_ORDER = ["base", "sft", "kd", "cascod", "cascod-2stage", "cascod-kd"]
 
 
 @dataclass
@@ -364,7 +364,13 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
                     f" | [{_fmt_pct(a['ci_low'])}, {_fmt_pct(a['ci_high'])}] | "
                     f"{_fmt_pct(strict[0])} | {_fmt_pct(flex[0])} |")
         agg_md.append("")
-        fig = _plot_accuracy(groups, ds, teachers.get(ds), out / f"accuracy_{ds}.png")
+        plot_groups = dict(groups)
+        for (d, s), b in bases.items():
+            if d == ds:
+                plot_groups[(s, "base")] = {"mean": b.summary["accuracy"],
+                                            "ci_low": b.summary["ci_low"],
+                                            "ci_high": b.summary["ci_high"]}
+        fig = _plot_accuracy(plot_groups, ds, teachers.get(ds), out / f"accuracy_{ds}.png")
         if fig:
             figures.append(fig)
 
@@ -481,10 +487,13 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
                        "`sft` and at least one other method for the same student."]
     md += ["", "Δ = accuracy(method) − accuracy(baseline), paired on the same items; pooled over "
            "seeds by pairing seed s of each method with seed s of the baseline. Significant means "
-           "exact McNemar p < 0.05 and a 95% paired-bootstrap CI that excludes 0.", ""]
+           "exact McNemar p < 0.05 and a 95% paired-bootstrap CI that excludes 0. Pooling treats "
+           "(seed, item) pairs as independent; against the base student (evaluated once) its "
+           "items repeat for every seed, so those pooled p-values are optimistic: read the "
+           "per-seed rows as well.", ""]
     md += ["## Accuracy", "", "Mean ± std across training seeds; 95% percentile bootstrap CI over "
-           "the pooled (seed, item) pairs. Accuracy uses the strict final-answer line when present, "
-           "else the flexible extraction (GSM8K: last number).", "", *agg_md]
+           "the pooled (seed, item) pairs. Accuracy uses the strict final-answer line when "
+           "present, else the flexible extraction (GSM8K: last number).", "", *agg_md]
     for ds in datasets:
         if ds in teachers:
             t = teachers[ds].summary

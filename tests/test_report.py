@@ -49,7 +49,7 @@ def drive(tmp_path):
         # sft: 50% right; kd: sft + 18 extra items right (clearly better);
         # cascod: sft with one item flipped each way (no difference)
         sft = [i % 2 == 0 for i in range(n)]
-        kd = [c or (i % 2 == 1 and i < 36 + seed) for i, c in enumerate(sft)]
+        kd = [c or (i % 2 == 1 and i < 36 + 2 * seed) for i, c in enumerate(sft)]
         cas = list(sft)
         cas[0], cas[1] = False, True
         for m, c in (("sft", sft), ("kd", kd), ("cascod", cas)):
@@ -73,7 +73,7 @@ def test_report_files_and_plain_verdicts(drive):
     out = drive / "report"
     assert res.path == out / "report.md"
     text = res.path.read_text()
-    # kd: +18 + seed extra items over 60 for each seed -> (18+19+20) / 180 = +31.7 pts,
+    # kd: 18 + seed extra items over 60 for each seed -> (18+19+20) / 180 = +31.7 pts,
     # n10 = 57, n01 = 0 over 180 pooled pairs -> McNemar p = 2 * 0.5**57
     assert "**Does kd beat CoT-SFT on tiny-qwen2-student-s (gsm8k)? Yes.**" in text
     assert "kd vs sft on tiny-qwen2-student-s (gsm8k): +31.7 pts" in text

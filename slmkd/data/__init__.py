@@ -18,7 +18,8 @@ from slmkd.data.sources import bbh_prompts_for, gsm8k_path, load_records
 
 __all__ = [
     "BBH_TASKS", "FINAL_ANSWER_PREFIX", "IGNORE_INDEX", "DropReason", "LoadResult", "Record",
-    "TokenizedExample", "bbh_prompts_for", "bbh_train_eval_split", "gsm8k_path", "load_records", "build_prompt", "eval_subset",
+    "TokenizedExample", "bbh_prompts_for", "bbh_train_eval_split", "gsm8k_path", "load_records",
+    "build_prompt", "eval_subset",
     "format_final_answer", "gold_completion", "load_bbh", "load_bbh_cot_prompts", "load_gsm8k",
     "normalize_number", "parse_gsm8k_answer", "tokenize_example", "user_message",
 ]

@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 Split = Literal["train", "test"]
 

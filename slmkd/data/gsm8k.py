@@ -5,29 +5,40 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from slmkd.data.records import LoadResult, Record
 
 HUB_NAME = "openai/gsm8k"
 _CALC = re.compile(r"<<[^>]*>>")
-_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
 
 
-def normalize_number(text: str) -> str | None:
-    """``"$1,234.50"`` → ``"1234.5"``, ``"18.00"`` → ``"18"``, ``"-7."`` → ``"-7"``; None if not a number."""
-    t = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
-    if not _NUMBER.match(t):
+def normalize_number(s: str | None) -> str | None:
+    """Canonical string of a number: ``"$1,234.50"`` -> ``"1234.5"``, ``"18.00"`` -> ``"18"``.
+
+    Strips ``$``, thousands commas, spaces, a trailing period and a trailing ``%``. Returns
+    ``None`` when the text is not a number.
+    """
+    if s is None:
         return None
-    if "." in t:
-        t = t.rstrip("0").rstrip(".")
-    if t in ("-0", ""):
-        t = "0"
-    return t
+    t = str(s).strip().replace("$", "").replace(",", "").replace(" ", "")
+    t = t.rstrip(".").rstrip("%")
+    if t.startswith("+"):
+        t = t[1:]
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)", t):
+        return None
+    try:
+        d = Decimal(t)
+    except InvalidOperation:  # pragma: no cover - guarded by the regex
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
 
 
 def parse_gsm8k_answer(answer: str) -> tuple[str, str]:
-    """Split an original GSM8K answer into (rationale without ``<<calc>>`` annotations, final number).
+    """Split an original GSM8K answer into (rationale without ``<<calc>>``, final number).
 
     Raises ``ValueError`` when there is no ``####`` line or the final answer is not a number."""
     if "####" not in answer:

@@ -2,9 +2,9 @@
 
 * GSM8K: ``cfg.data.gsm8k_train/test`` paths, else the tiny world's synthetic files in the tiny
   profile, else the Hub.
-* BBH: ``cfg.data.bbh_dir`` or the Hub; ``split="train"`` is the seeded per-task training part
-  (``cfg.data.bbh_train_per_task`` items per task) and ``split="test"`` the evaluation pool: disjoint
-  by construction (:func:`slmkd.data.records.bbh_train_eval_split`).
+* BBH: ``cfg.data.bbh_dir`` or the Hub; ``split="train"`` is the seeded per-task training
+  part (``cfg.data.bbh_train_per_task`` items per task) and ``split="test"`` the evaluation pool:
+  disjoint by construction (:func:`slmkd.data.records.bbh_train_eval_split`).
 """
 
 from __future__ import annotations
