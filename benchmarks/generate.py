@@ -77,9 +77,12 @@ def build_model(shape: dict, device, dtype):
 
 
 def make_prompts(tokenizer, n: int, prompt_tokens: int) -> list[str]:
-    """Chat-templated prompts of about ``prompt_tokens`` tokens (digits are one token each)."""
+    """Chat-templated prompts of 0.7x to 1.3x ``prompt_tokens`` tokens (digits are one token
+    each), so buckets differ in width as real ones do."""
     out = []
+    mean = prompt_tokens
     for i in range(n):
+        prompt_tokens = int(mean * (0.7 + 0.6 * ((i * 37) % 100) / 100))
         head = f"Question {i}: Tom has {i % 97} apples. Numbers:"
         ids = tokenizer.apply_chat_template([{"role": "user", "content": head}], tokenize=True,
                                             add_generation_prompt=True)
@@ -94,18 +97,28 @@ def make_prompts(tokenizer, n: int, prompt_tokens: int) -> list[str]:
 
 
 def bench_hf(model, tokenizer, prompts, batch_size: int, new_tokens: int, sync) -> dict:
-    from slmkd.generation import generate_batched
+    """Throughput over all batches, plus the steady state without the first batch (which pays
+    for new kernel shapes: cuBLAS/cuDNN plans, allocator growth)."""
+    from slmkd.generation import iter_generate_batched
 
     sync()
     t0 = time.perf_counter()
-    outs = generate_batched(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                            batch_size=batch_size, desc=f"hf bs={batch_size}",
-                            show_progress=False)
-    sync()
+    per_batch = []
+    for b in iter_generate_batched(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                   batch_size=batch_size, desc=f"hf bs={batch_size}",
+                                   show_progress=False):
+        sync()
+        per_batch.append((sum(o.num_new_tokens for o in b.outputs), len(b.outputs),
+                          time.perf_counter() - t0 - sum(w for _, _, w in per_batch)))
     wall = time.perf_counter() - t0
-    toks = sum(o.num_new_tokens for o in outs)
-    return {"items": len(outs), "tokens": toks, "wall_s": wall, "tok_s": toks / wall,
-            "items_s": len(outs) / wall}
+    toks = sum(t for t, _, _ in per_batch)
+    items = sum(n for _, n, _ in per_batch)
+    r = {"items": items, "tokens": toks, "wall_s": wall, "tok_s": toks / wall,
+         "items_s": items / wall, "steady_tok_s": None}
+    if len(per_batch) > 1:
+        rest = per_batch[1:]
+        r["steady_tok_s"] = sum(t for t, _, _ in rest) / sum(w for _, _, w in rest)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 avoids spin-wait on a busy machine)")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="disable the cuDNN SDPA backend (plans are built per sequence length)")
     ap.add_argument("--no-vllm", action="store_true")
     args = ap.parse_args(argv)
 
@@ -127,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                        else ("cpu" if args.device == "auto" else args.device))
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.config} random init, {n_params / 1e6:,.1f}M params, {dtype}, on {name} "
           f"(built in {time.perf_counter() - t0:.1f}s); torch {torch.__version__}; "
           f"{torch.get_num_threads()} CPU threads; prompt ~{prompt_tokens} tokens, "
-          f"{new_tokens} new tokens")
+          f"{new_tokens} new tokens; cuDNN SDPA {'off' if args.no_cudnn_sdpa else 'default'}")
 
     warm = make_prompts(tok, min(sizes), prompt_tokens)
     bench_hf(model, tok, warm, min(sizes), min(8, new_tokens), sync)  # warm-up (kernels, allocator)
@@ -189,19 +206,22 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - t
                 toks = sum(o.num_new_tokens for o in outs)
                 rows.append(("vllm", bs, {"items": len(outs), "tokens": toks, "wall_s": wall,
-                                          "tok_s": toks / wall, "items_s": len(outs) / wall}))
+                                          "tok_s": toks / wall, "items_s": len(outs) / wall,
+                                          "steady_tok_s": None}))
 
     print()
-    print("| backend | batch | items | gen tokens | wall s | items/s | gen tokens/s | peak GiB |"
-          " GSM8K-train min* |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| backend | batch | items | gen tokens | wall s | items/s | gen tokens/s | "
+          "steady tokens/s** | peak GiB | GSM8K-train min* |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for backend, bs, r in rows:
         minutes = GSM8K_TRAIN * TOKENS_PER_ANSWER / r["tok_s"] / 60
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+        steady = f"{r['steady_tok_s']:.1f}" if r.get("steady_tok_s") else "-"
         print(f"| {backend} | {bs} | {r['items']} | {r['tokens']} | {r['wall_s']:.2f} | "
-              f"{r['items_s']:.2f} | {r['tok_s']:.1f} | {peak} | {minutes:.1f} |")
+              f"{r['items_s']:.2f} | {r['tok_s']:.1f} | {steady} | {peak} | {minutes:.1f} |")
     print(f"\n* minutes for {GSM8K_TRAIN} GSM8K train questions x {TOKENS_PER_ANSWER} generated "
-          f"tokens at that throughput. {vllm_note}.")
+          f"tokens at that throughput (all batches). ** without the first batch of that size "
+          f"(needs --batches-per-size >= 2). {vllm_note}.")
     return 0
 
 

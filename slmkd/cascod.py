@@ -224,17 +224,30 @@ class CasCoDStats:
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    rationale_prompt_truncated: int = 0
+    answer_prompt_truncated: int = 0
     prompt_tokens_dropped: int = 0
+    rationale_tokens: int = 0
+    answer_tokens: int = 0
 
     def summary(self) -> str:
         s = f"CasCoD examples: kept {self.kept}/{self.total}"
         if self.dropped:
-            s += " (dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) + ")"
-        return s
+            parts = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()))
+            s += f" (dropped: {parts})"
+        if self.rationale_prompt_truncated or self.answer_prompt_truncated:
+            s += (f", prompts left-truncated: {self.rationale_prompt_truncated} rationale / "
+                  f"{self.answer_prompt_truncated} answer examples")
+        return s + (f", supervised tokens: {self.rationale_tokens} rationale / "
+                    f"{self.answer_tokens} answer")
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
-                "prompt_tokens_dropped": self.prompt_tokens_dropped}
+                "num_dropped": sum(self.dropped.values()),
+                "rationale_prompt_truncated": self.rationale_prompt_truncated,
+                "answer_prompt_truncated": self.answer_prompt_truncated,
+                "prompt_tokens_dropped": self.prompt_tokens_dropped,
+                "rationale_tokens": self.rationale_tokens, "answer_tokens": self.answer_tokens}
 
 
 class CasCoDPairDataset:
@@ -318,6 +331,10 @@ def build_cascod_dataset(
             stats.dropped[f"answer:{a_ex.reason}"] += 1
             continue
         stats.prompt_tokens_dropped += r_ex.prompt_tokens_dropped + a_ex.prompt_tokens_dropped
+        stats.rationale_prompt_truncated += bool(r_ex.prompt_tokens_dropped)
+        stats.answer_prompt_truncated += bool(a_ex.prompt_tokens_dropped)
+        stats.rationale_tokens += r_ex.num_supervised
+        stats.answer_tokens += a_ex.num_supervised
         pairs.append((rid, r_ex, a_ex))
         stats.kept += 1
     if stats.dropped:
@@ -363,8 +380,8 @@ class CasCoDCollator:
         if not items:
             raise ValueError("empty batch")
         if "rationale_input_ids" in items[0]:
-            ids = [it["rationale_input_ids"] for it in items] + [it["answer_input_ids"] for it in items]
-            labels = [it["rationale_labels"] for it in items] + [it["answer_labels"] for it in items]
+            ids = [it[f"{k}_input_ids"] for k in ("rationale", "answer") for it in items]
+            labels = [it[f"{k}_labels"] for k in ("rationale", "answer") for it in items]
         else:
             ids = [it["input_ids"] for it in items]
             labels = [it["labels"] for it in items]
@@ -391,7 +408,7 @@ def cascaded_generate(
     *,
     answer_cue: str = DEFAULT_ANSWER_CUE,
     max_new_tokens_rationale: int,
-    max_new_tokens_answer: int = 16,
+    max_new_tokens_answer: int = 64,
     batch_size: int,
     rationales: Sequence[str] | None = None,
     desc: str | None = None,
@@ -426,7 +443,8 @@ def cascaded_generate(
         r_hit = [False] * len(prompts)
         r_n = [0] * len(prompts)
     contexts = [join_rationale_cue(r, answer_cue) for r in rats]
-    a_out = generate_batched(model, tokenizer, [p + c for p, c in zip(prompts, contexts, strict=True)],
+    answer_prompts = [p + c for p, c in zip(prompts, contexts, strict=True)]
+    a_out = generate_batched(model, tokenizer, answer_prompts,
                              max_new_tokens=max_new_tokens_answer, batch_size=batch_size,
                              desc=(desc or "cascod") + ": answer", show_progress=show_progress)
     return [
@@ -451,7 +469,7 @@ def error_propagation(
     *,
     answer_cue: str = DEFAULT_ANSWER_CUE,
     max_new_tokens_rationale: int,
-    max_new_tokens_answer: int = 16,
+    max_new_tokens_answer: int = 64,
     batch_size: int,
     bbh_prompts: dict[str, str] | None = None,
     show_progress: bool = True,

@@ -113,7 +113,7 @@ def make_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
     ax.set_title("training loss")
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.9)
     figs["loss"] = fig
 
     fig = Figure(figsize=(6, 3))
@@ -123,7 +123,7 @@ def make_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
     ax.set_xlabel("step")
     ax.set_ylabel("grad norm (pre-clip)")
     ax.set_title("gradient norm")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.9)
     figs["grad_norm"] = fig
 
     if any("vram_allocated_gb" in e for e in entries):
@@ -136,7 +136,7 @@ def make_figures(entries: list[dict[str, Any]]) -> dict[str, Any]:
         ax.set_ylabel("GB")
         ax.set_title("CUDA memory")
         ax.legend()
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.9)
         figs["vram"] = fig
     return figs
 
@@ -193,7 +193,7 @@ class TrainingMonitor(TrainerCallback):
         self.plots_dir = self.run_dir / "plots"
         self.live = LivePlot() if live_plot else None
         self.min_interval_s = min_interval_s
-        self._last_draw = 0.0
+        self._last_draw = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
         if not state.is_world_process_zero or not logs or "loss" not in logs:

@@ -409,8 +409,11 @@ def estimate_memory(
     chunk = min(setup.chunk_size, tokens)
     hb = 4 if mixed else a
     comp["hidden states for the loss"] = 2 * hb * tokens * st.hidden_size
-    n_fp32 = 5 if setup.uses_teacher else 3
+    n_fp32 = 4 if setup.uses_teacher else 3
     comp["loss working set (chunk)"] = n_fp32 * 4 * chunk * v
+    # slmkd.losses computes the lm_head weight's gradient [V, H] (fp32) during the forward and
+    # holds it until backward
+    comp["hidden states for the loss"] += 4 * v * st.hidden_size
 
     # -- teacher -------------------------------------------------------------------------------
     if te is not None:
@@ -419,7 +422,7 @@ def estimate_memory(
         if setup.teacher_4bit:
             w = te.linear_params() * NF4_BYTES_PER_PARAM + (te.num_params - te.linear_params()) * 2
         else:
-            w = te.num_params * pb
+            w = te.num_params * a  # the teacher is loaded in bf16 (slmkd.modeling.pick_dtype)
         comp["teacher weights"] = int(w)
         comp["teacher hidden states"] = a * tokens * te.hidden_size
         # transient of the no-grad forward is freed before the student's backward: not counted.
@@ -485,6 +488,8 @@ def recommend_batch(
         advice.append("enable gradient checkpointing")
     if setup.uses_teacher and not setup.teacher_4bit:
         advice.append("load the teacher in 4-bit")
+    if setup.optim in FOREACH_OPTIMIZERS:
+        advice.append("use optim='adamw_torch_fused' (no step transient)")
     if setup.optim in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
         advice.append("use optim='adamw_bnb_8bit'")
     if not setup.lora:

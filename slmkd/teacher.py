@@ -51,6 +51,7 @@ __all__ = [
     "gen_config_hash",
     "generate_cot",
     "generation_settings",
+    "is_cot_complete",
     "load_cot_records",
     "scan_shards",
 ]
@@ -597,6 +598,8 @@ def generate_cot(
     all_records = sorted(scan.records.values(), key=lambda r: r["id"])
     stats = _compute_stats(all_records, settings=settings, h=h, fcfg=fcfg,
                            n_target=len(records), run=run, totals=totals)
+    stats["limit"] = limit
+    stats["complete"] = all(r.id in scan.records for r in records)
     stats["malformed_lines_found"] = len(scan.malformed)
     stats["load_skipped"] = len(load_skipped)
     atomic_write_json(stats_path, stats)
@@ -606,6 +609,32 @@ def generate_cot(
     return CoTResult(output_dir=out_dir, stats=stats, num_generated=run["generated_items"],
                      num_records=stats["num_records"], num_kept=stats["num_kept"],
                      stats_path=stats_path, histogram_path=hist)
+
+
+def is_cot_complete(cfg: Any, directory: str | Path | None = None, dataset: str | None = None,
+                    teacher: str | None = None) -> bool:
+    """True when ``directory`` (default :func:`cot_dir`) holds a finished CoT run for the
+    configured items: ``cot_stats.json`` (written last by :func:`generate_cot`) says every target
+    item is present, its generation-config hash equals the one ``cfg`` gives, and it covers
+    ``cfg.generation.limit`` (a run over all items covers any limit)."""
+    from slmkd.runtime import read_json
+
+    dataset = dataset or cfg.generation.dataset
+    teacher = teacher or cfg.models.teacher_medium
+    directory = Path(directory) if directory is not None else cot_dir(cfg, dataset, teacher)
+    path = directory / STATS_FILE
+    if not path.is_file() or not _shard_files(directory):
+        return False
+    try:
+        stats = read_json(path)
+    except (OSError, ValueError):
+        return False
+    if stats.get("gen_config_hash") != gen_config_hash(generation_settings(cfg, dataset, teacher)):
+        return False
+    if not stats.get("complete"):
+        return False
+    have, want = stats.get("limit"), cfg.generation.limit
+    return have is None or (want is not None and want <= have)
 
 
 def _generate_pending(cfg: Any, teacher: str, pending: list[Any], prompts: dict[str, str],

@@ -136,7 +136,8 @@ def prompt_for_question(tokenizer: Any, question: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------------------------
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Sequence[str], vocab_size: int,
+                    split_words: bool = True) -> PreTrainedTokenizerFast:
     """Byte-level BPE with Qwen-style special tokens, digits split one per token.
 
     Special tokens get ids 0..2 (``<|endoftext|>`` pad, ``<|im_start|>``, ``<|im_end|>`` eos);
@@ -150,7 +151,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -797,8 +797,9 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
         os.replace(tmp, final_dir)
         entries = read_log(run_dir / LOG_NAME)
         last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
-        with contextlib.suppress(Exception):
-            save_plots(entries, run_dir / "plots")
+        if not (run_dir / "plots" / "loss.png").is_file():
+            with contextlib.suppress(Exception):
+                save_plots(entries, run_dir / "plots")
         frac = trainer.guard.skipped_fraction
         summary = {
             "method": method, "student": student_name, "seed": int(seed),

@@ -35,7 +35,8 @@ def test_default_alpha_is_authors_value():
         # BBH CoTs: the marker follows the last sentence on the same line, after "So".
         ("Sentence is about a dog. The options say (A). So the answer is (A).",
          ("Sentence is about a dog. The options say (A).", "(A)")),
-        ("True and False is False. So, the answer is False.", ("True and False is False.", "False")),
+        ("True and False is False. So, the answer is False.",
+         ("True and False is False.", "False")),
         ("Therefore, the answer is Yes.", None),  # nothing before the marker: empty rationale
     ],
 )
@@ -142,10 +143,19 @@ def test_build_dataset_counts_drops(tok):
                                    "rationale:too_few_supervised_tokens": 1}
     item = ds[0]
     assert item["example_id"] == "a"
-    assert set(item) == {"example_id", "rationale_input_ids", "rationale_labels", "answer_input_ids",
-                         "answer_labels"}
+    assert set(item) == {"example_id", "rationale_input_ids", "rationale_labels",
+                         "answer_input_ids", "answer_labels"}
     assert set(ds.with_kind("answer")[0]) == {"example_id", "input_ids", "labels"}
     assert ds.with_kind("answer")[0]["input_ids"] == item["answer_input_ids"]
+    assert ds.with_kind("rationale")[0]["labels"] == item["rationale_labels"]
+    assert stats.rationale_tokens == sum(t != -100 for t in item["rationale_labels"])
+    assert stats.answer_tokens == sum(t != -100 for t in item["answer_labels"])
+    # a budget that fits q + r but not q + r + cue + a: only the answer prompt loses tokens
+    n_r = len(item["rationale_input_ids"])
+    _, st2 = build_cascod_dataset(tok, recs[:1], max_length=n_r, min_supervised_tokens=4)
+    assert st2.kept == 1 and st2.rationale_prompt_truncated == 0
+    assert st2.answer_prompt_truncated == 1 and st2.prompt_tokens_dropped > 0
+    assert st2.to_dict()["num_dropped"] == 0
 
 
 def test_collator_pads_both_kinds_to_one_width(tok):
@@ -159,6 +169,7 @@ def test_collator_pads_both_kinds_to_one_width(tok):
     n = batch["input_ids"].shape[0]
     assert n == 6 and int(batch["num_rationale_rows"]) == 3
     assert batch["answer_row_mask"].tolist() == [False] * 3 + [True] * 3
+    assert batch["example_id"] == ["0", "1", "2"]
     for row, item in enumerate([ds[i] for i in range(3)]):
         for off, key in ((0, "rationale"), (3, "answer")):
             ids = item[f"{key}_input_ids"]
@@ -181,9 +192,9 @@ def _direct_ce_sum(logits, labels):
 
 def test_joint_loss_matches_direct_computation(tok):
     import torch
+    from _tiny_lm import make_model
 
     from slmkd.cascod import CasCoDCollator, cascod_joint_loss
-    from _tiny_lm import make_model
 
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
              "completion": f"{i} + 4 = {i + 4}." + " ok." * i + f"\nThe answer is {i + 4}."}
@@ -224,9 +235,9 @@ def test_joint_loss_matches_direct_computation(tok):
 def test_joint_loss_kd_term_on_rationale_rows(tok):
     import torch
     import torch.nn.functional as F
+    from _tiny_lm import make_model
 
     from slmkd.cascod import CasCoDCollator, cascod_joint_loss
-    from _tiny_lm import make_model
 
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 5?",
              "completion": f"{i} + 5 = {i + 5}.\nThe answer is {i + 5}."} for i in range(2)]
@@ -321,6 +332,19 @@ def test_error_propagation_counts(tok, monkeypatch):
     assert res["rows"][1]["own_rationale_pred"] == "11"
 
 
+# -- trainer registry ----------------------------------------------------------------------------
+def test_methods_registered_with_the_trainer():
+    pytest.importorskip("torch")
+    from slmkd import trainer as T
+
+    assert {"cascod", "cascod-2stage", "cascod-kd"} <= set(T.registered_methods())
+    joint, kd, two = (T.get_method(m) for m in ("cascod", "cascod-kd", "cascod-2stage"))
+    assert not joint.needs_teacher and kd.needs_teacher and not two.needs_teacher
+    assert two.stages == ("cascod-stage1", "cascod-stage2")
+    assert "cascod" in joint.config_sections and "kd" in kd.config_sections
+    assert "kd" not in joint.config_sections  # KD schedules do not change a cascod run
+
+
 # -- training end to end (tiny world of tests/_train_world.py) -----------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -369,6 +393,7 @@ def _cli_cascod(world, run_dir, env_extra):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cascod_train_and_kill9_resume_is_bit_identical(world, tmp_path):
     import torch
 

@@ -24,6 +24,7 @@ from slmkd.teacher import (
     CoTConfigMismatchError,
     add_generate_cot_command,
     generate_cot,
+    is_cot_complete,
     load_cot_records,
     scan_shards,
 )
@@ -135,8 +136,10 @@ def test_resume_after_crash_equals_uninterrupted_run(world, tok, monkeypatch, tm
     assert len(all_lines(out)) == 2 * BATCH  # finished batches survived the crash
     # a kill -9 during a shard write leaves only a temp file, never a partial shard
     (out / ".shard-00002.jsonl.abc123.tmp").write_text('{"id": "gsm8k-train-0')
+    assert not is_cot_complete(world(), out)
     res, dec = run(world(), tok, monkeypatch, output_dir=out, max_batches=1)
     assert res.num_generated == BATCH and dec.batches == 1
+    assert not is_cot_complete(world(), out) and not res.stats["complete"]
     res, dec = run(world(), tok, monkeypatch, output_dir=out)
     assert res.num_generated == N_ITEMS - 3 * BATCH
     assert not list(out.glob("*.tmp"))
@@ -146,6 +149,8 @@ def test_resume_after_crash_equals_uninterrupted_run(world, tok, monkeypatch, tm
                                                                       kept_only=False)
     res, dec = run(world(), tok, monkeypatch, output_dir=out)  # nothing left to do
     assert res.num_generated == 0 and dec.batches == 0
+    assert is_cot_complete(world(), out) and is_cot_complete(world(**{"generation.limit": 4}), out)
+    assert not is_cot_complete(world(**{"generation.max_new_tokens": 99}), out)
 
 
 def test_malformed_lines_are_reported_and_regenerated(world, tok, monkeypatch, capsys):
@@ -182,6 +187,8 @@ def test_malformed_lines_are_reported_and_regenerated(world, tok, monkeypatch, c
 def test_config_change_is_refused_not_mixed(world, tok, monkeypatch, tmp_path):
     res, _ = run(world(), tok, monkeypatch, limit=4)
     out = res.output_dir
+    assert is_cot_complete(world(**{"generation.limit": 4}))
+    assert not is_cot_complete(world())  # 4 items do not cover all 10
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.jsonl")}
 
     with pytest.raises(CoTConfigMismatchError, match="max_new_tokens.*16 -> 32(.|\n)*--force"):
@@ -305,3 +312,66 @@ def test_cli_arguments():
     assert (args.profile, args.output, args.limit, args.dataset, args.teacher, args.force,
             args.max_new_tokens) == ("tiny", "/x", 5, "bbh", "t", True, 256)
     assert callable(args.func)
+
+
+KILL_SCRIPT = r"""
+import sys, time
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_teacher as T
+from _tiny_lm import make_tokenizer
+from slmkd import generation
+from slmkd.config import load_config
+from slmkd.teacher import generate_cot
+
+class Slow(T.FakeDecoder):
+    def __call__(self, *a, **kw):
+        for b in super().__call__(*a, **kw):
+            time.sleep(0.3)
+            yield b
+
+generation.iter_generate_batched = Slow()
+cfg = load_config("tiny", environ={{}}, overrides={overrides!r})
+print("ready", flush=True)
+generate_cot(cfg, model=object(), tokenizer=make_tokenizer(), output_dir={out!r},
+             show_progress=False)
+"""
+
+
+def test_kill_9_mid_run_then_resume(world, tok, monkeypatch, tmp_path):
+    """A real SIGKILL while shards are being written: no partial shard, no duplicate, and the
+    rerun completes to exactly the records of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    ref, _ = run(world(**{"generation.batch_size": 1}), tok, monkeypatch,
+                 output_dir=tmp_path / "ref")
+    out = tmp_path / "killed"
+    overrides = {"drive_root": str(tmp_path / "drive"),
+                 "data.gsm8k_train": str(tmp_path / "train.jsonl"),
+                 "generation.max_new_tokens": 16, "generation.batch_size": 1}
+    script = KILL_SCRIPT.format(root=str(Path(__file__).parents[1]),
+                                tests=str(Path(__file__).parent), overrides=overrides,
+                                out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(out.glob("shard-*.jsonl"))) < 3:
+            if proc.poll() is not None:
+                pytest.fail(f"child exited early: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    n_before = len(list(out.glob("shard-*.jsonl")))
+    assert 3 <= n_before < N_ITEMS
+    for p in out.glob("shard-*.jsonl"):  # every shard on disk is complete, valid JSONL
+        assert all(json.loads(line)["id"] for line in p.read_text().splitlines())
+    res, _ = run(world(**{"generation.batch_size": 1}), tok, monkeypatch, output_dir=out)
+    assert res.num_generated == N_ITEMS - n_before
+    lines = all_lines(out)
+    assert len(lines) == N_ITEMS == len({r["id"] for r in lines})
+    assert load_cot_records(out, kept_only=False) == load_cot_records(ref.output_dir,
+                                                                      kept_only=False)
