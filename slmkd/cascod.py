@@ -425,6 +425,8 @@ def cascaded_generate(
     ``answer_text`` (the generated continuation after the cue), ``full_text``
     (``r + "\\n" + cue + answer_text``: what answer extraction reads),
     ``rationale_hit_max`` / ``answer_hit_max`` and ``num_new_tokens`` (both steps).
+    ``max_new_tokens_answer`` defaults to 64: a GSM8K number needs a few tokens, but BBH
+    word-sorting and Dyck answers are lists; the step stops at EOS anyway.
     """
     from slmkd.generation import generate_batched
 

@@ -30,7 +30,10 @@ def lm():
         for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model, tok
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 50k-parameter model gains nothing from more; avoids spin-waits
+    yield model, tok
+    torch.set_num_threads(threads)
 
 
 def _prompts(tok, n=5):

@@ -18,6 +18,7 @@ from _train_world import build_world  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_normalises_tokens_globally(tmp_path):
     world = build_world(tmp_path / "world")
     out = tmp_path / "out"

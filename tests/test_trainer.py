@@ -203,6 +203,7 @@ def _argv(world: Path, run_dir: Path) -> list[str]:
             "--max-steps", "10", "--save-steps", "3"]
 
 
+@pytest.mark.slow
 def test_kill9_resume_from_drive_is_bit_identical(world, tmp_path, monkeypatch, capsys):
     """A real subprocess SIGKILLed after step 7 (checkpoints at 3 and 6), local disk lost, newest
     Drive checkpoint truncated: the rerun falls back to checkpoint-3 and ends bit-identical."""
