@@ -385,9 +385,9 @@ class DistillationTrainer(Trainer):
                 loss = self._zero_loss(model)
             else:
                 self._step_metrics["loss"] = self._step_metrics.get("loss", 0.0) + loss.detach()
-                for k in ("ce", "kd"):
-                    if k in metrics:
-                        v = torch.as_tensor(metrics[k]).detach().float()
+                for k, v in metrics.items():  # every scalar metric (ce, kd, rationale_ce, ...)
+                    v = torch.as_tensor(v).detach().float()
+                    if k != "num_nonfinite" and v.numel() == 1:
                         self._step_metrics[k] = self._step_metrics.get(k, 0.0) + v
         if self.accelerator.num_processes > 1:
             # DDP/FSDP average gradients over processes; our loss is already a global mean
@@ -444,9 +444,8 @@ class DistillationTrainer(Trainer):
             if hasattr(acc_opt, "_is_overflow"):
                 acc_opt._is_overflow = False
             result = original_step(closure) if closure is not None else original_step()
-            for k in ("loss", "ce", "kd"):
-                if k in self._step_metrics:
-                    self._win[k] = self._win[k] + self._step_metrics[k]
+            for k, v in self._step_metrics.items():
+                self._win[k] = self._win.get(k, 0.0) + v
             self._win["steps"] += 1
         self.guard.record(skip, reason, detail if self.debug_nan or skip else None)
         self._reset_step()
@@ -469,8 +468,10 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and "train_runtime" not in logs:
             w = self._win
-            vec = torch.tensor([float(w["loss"]), float(w["ce"]), float(w["kd"]),
-                                float(w["input_tokens"])], device=self.args.device)
+            extra = sorted(k for k in w if k not in ("loss", "ce", "kd", "steps", "input_tokens", "t0"))
+            keys = ["loss", "ce", "kd", *extra]
+            vec = torch.tensor([float(w[k]) for k in keys] + [float(w["input_tokens"])],
+                               device=self.args.device)
             if self.accelerator.num_processes > 1:
                 vec = self.accelerator.reduce(vec, reduction="sum")
             n = max(w["steps"], 1)
@@ -479,9 +480,11 @@ class DistillationTrainer(Trainer):
             logs["ce"] = float(vec[1]) / n
             if self.spec.needs_teacher or float(vec[2]) != 0.0:
                 logs["kd"] = float(vec[2]) / n
+            for i, k in enumerate(extra, start=3):
+                logs[k] = float(vec[i]) / n
             logs["temperature"] = float(self.temperature)
             logs["alpha"] = float(self.alpha)
-            logs["tokens_per_s"] = float(vec[3]) / dt
+            logs["tokens_per_s"] = float(vec[-1]) / dt
             logs["skipped_batches"] = self.guard.skipped
             logs.update(vram_stats())
             self._win = self._new_window()
@@ -803,7 +806,7 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
         frac = trainer.guard.skipped_fraction
         summary = {
             "method": method, "student": student_name, "seed": int(seed),
-            "final_model_dir": FINAL_DIR, "steps": int(trainer.state.global_step),
+            "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR, "steps": int(trainer.state.global_step),
             "optimizer_steps_taken": trainer.guard.steps - trainer.guard.skipped,
             "skipped_batches": trainer.guard.skipped, "skipped_fraction": frac,
             "skipped_reasons": trainer.guard.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
@@ -842,6 +845,7 @@ def _train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: i
     last = results[-1].summary
     summary = {
         "method": spec.name, "student": cfg.student_name(student), "seed": int(seed),
+        "dataset": cfg.generation.dataset, "cot_dir": last.get("cot_dir"),
         "final_model_dir": os.path.relpath(results[-1].final_dir, run_dir),
         "steps": sum(int(r.summary["steps"]) for r in results),
         "skipped_batches": sum(int(r.summary["skipped_batches"]) for r in results),
