@@ -233,7 +233,7 @@ def check(device: str) -> int:
         ref = _reference64(torch, s64, hT.double() @ wT.double().T, labels, v, 2.0, 0.5)
         ref.backward()
         tol = 1e-5 if dt == torch.float32 else 1e-2
-        rl = abs(float(out.loss) - float(ref)) / abs(float(ref))
+        rl = abs(float(out.loss.detach()) - float(ref.detach())) / abs(float(ref.detach()))
         rh = float((h.grad.double() - h64.grad).norm() / h64.grad.norm())
         rw = float((w.grad.double() - w64.grad).norm() / w64.grad.norm())
         o2 = kd_loss(s_lp, t_lp, labels, temperature=2.0, alpha=0.5, vocab_size=v, chunk_size=16)
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                       [str(ROOT), os.environ.get("PYTHONPATH", "")])})
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                 if r.returncode != 0 or not line:
                     err = (r.stderr.strip().splitlines() or ["?"])[-1]

@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_scheduler_type: str = "cosine"
     gradient_checkpointing: bool = True
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     use_lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -121,7 +121,7 @@ class KDConfig:
     temperature_schedule: list[float] = field(default_factory=lambda: [2.0, 1.5, 1.0])
     alpha_schedule: list[float] = field(default_factory=lambda: [0.5, 0.4, 0.3])
     max_logit_abs: float = 50.0
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # None: the loss picks rows per chunk from the vocab size
 
 
 @dataclass
@@ -259,8 +259,11 @@ class ExperimentConfig:
 # Each profile is a dict of dotted-path overrides applied on top of the dataclass defaults.
 PROFILES: dict[str, dict[str, Any]] = {
     "a100-80g": {},
+    # 40 GB: same effective batch 16; the 7B teacher in 4-bit NF4 and 8-bit AdamW states so the
+    # student fits beside it (see `slmkd preflight --profile a100-40g` for the VRAM plan).
     "a100-40g": {"train.batch_size": 2, "train.grad_accum_steps": 8, "evaluation.batch_size": 32,
-                 "generation.batch_size": 32},
+                 "generation.batch_size": 32, "models.teacher_load_in_4bit": True,
+                 "train.optim": "adamw_bnb_8bit"},
     "tiny": {
         "models.teacher_medium": "tiny-qwen2-teacher",
         "models.student_primary": "tiny-qwen2-student-m",
@@ -276,6 +279,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.max_seq_length": 160,
         "train.warmup_ratio": 0.05,
         "train.gradient_checkpointing": False,
+        "train.optim": "adamw_torch",
         "train.min_supervised_tokens": 4,
         "generation.max_new_tokens": 64,
         "generation.batch_size": 256,
@@ -382,7 +386,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"cascod.alpha_cascod={cfg.cascod.alpha_cascod} must lie in [0, 1].")
     if not kd.max_logit_abs > 0:
         raise ConfigError(f"kd.max_logit_abs={kd.max_logit_abs} must be > 0.")
-    if kd.chunk_size < 1:
+    if kd.chunk_size is not None and kd.chunk_size < 1:
         raise ConfigError(f"kd.chunk_size={kd.chunk_size} must be >= 1.")
     positive = {"train.learning_rate": tr.learning_rate, "train.batch_size": tr.batch_size,
                 "train.grad_accum_steps": tr.grad_accum_steps, "train.log_every": tr.log_every,

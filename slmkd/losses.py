@@ -474,8 +474,8 @@ class _FusedKDLossFn(torch.autograd.Function):
                 kd_sum += k
                 nonfinite += nf
                 if g is not None:
-                    gx = _backprop_linear(g, x, ws_v, None if grad_w is None else grad_w[:cfg.vocab],
-                                          need_h)
+                    gw_v = None if grad_w is None else grad_w[:cfg.vocab]
+                    gx = _backprop_linear(g, x, ws_v, gw_v, need_h)
                     del g
                     if gx is not None:
                         grad_h.index_copy_(0, r, gx.to(grad_h.dtype))

@@ -498,6 +498,13 @@ def recommend_batch(
     return Recommendation(gpu_gib, 1, effective_batch, est, False, "try: " + ", ".join(advice))
 
 
+def _loss_default_chunk(cfg: ExperimentConfig) -> int:
+    """The rows per chunk the loss uses when ``cfg.kd.chunk_size`` is None (Qwen vocabulary)."""
+    from slmkd.losses import default_chunk_size
+
+    return default_chunk_size(151_936)
+
+
 def setup_from_config(cfg: ExperimentConfig, method: str = "kd", **overrides: Any) -> TrainSetup:
     """The :class:`TrainSetup` a config implies (GPU dtypes: bf16 weights and activations)."""
     tr = cfg.train
@@ -506,7 +513,7 @@ def setup_from_config(cfg: ExperimentConfig, method: str = "kd", **overrides: An
         grad_accum_steps=tr.grad_accum_steps, teacher_4bit=cfg.models.teacher_load_in_4bit,
         optim=tr.optim if tr.optim in OPTIMIZER_STATE_BYTES else "adamw_torch",
         lora=tr.use_lora, lora_r=tr.lora_r, gradient_checkpointing=tr.gradient_checkpointing,
-        chunk_size=cfg.kd.chunk_size,
+        chunk_size=cfg.kd.chunk_size or _loss_default_chunk(cfg),
         # slmkd.trainer: fp32 student + bf16 autocast; with LoRA the student is loaded in bf16
         param_bytes=2 if tr.use_lora else 4,
     )

@@ -397,7 +397,9 @@ def _plot_lengths(records: list[dict[str, Any]], max_new_tokens: int, path: Path
     ax.axvline(max_new_tokens, color="k", ls="--", lw=1, label=f"max_new_tokens={max_new_tokens}")
     ax.set_xlabel("CoT length (generated tokens)")
     ax.set_ylabel("records")
-    ax.set_title(f"Teacher CoT lengths (n={len(records)})")
+    n_trunc = sum(bool(r["hit_max_new_tokens"]) for r in records)
+    ax.set_title(f"Teacher CoT lengths (n={len(records)}, truncated "
+                 f"{100 * n_trunc / len(records):.1f}%)")
     ax.legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
