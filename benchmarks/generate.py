@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 avoids spin-wait on a busy machine)")
-    ap.add_argument("--no-cudnn-sdpa", action="store_true",
-                    help="disable the cuDNN SDPA backend (plans are built per sequence length)")
+    ap.add_argument("--cudnn-sdpa", action="store_true",
+                    help="let SDPA use cuDNN attention (slmkd.generation excludes it by default: "
+                         "it builds a plan per sequence length)")
     ap.add_argument("--no-vllm", action="store_true")
     args = ap.parse_args(argv)
 
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    import slmkd.generation
+
+    slmkd.generation.SDPA_EXCLUDE_CUDNN = not args.cudnn_sdpa
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                        else ("cpu" if args.device == "auto" else args.device))
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.config} random init, {n_params / 1e6:,.1f}M params, {dtype}, on {name} "
           f"(built in {time.perf_counter() - t0:.1f}s); torch {torch.__version__}; "
           f"{torch.get_num_threads()} CPU threads; prompt ~{prompt_tokens} tokens, "
-          f"{new_tokens} new tokens; cuDNN SDPA {'off' if args.no_cudnn_sdpa else 'default'}")
+          f"{new_tokens} new tokens; cuDNN SDPA {'allowed' if args.cudnn_sdpa else 'excluded'}")
 
     warm = make_prompts(tok, min(sizes), prompt_tokens)
     bench_hf(model, tok, warm, min(sizes), min(8, new_tokens), sync)  # warm-up (kernels, allocator)

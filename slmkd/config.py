@@ -162,12 +162,19 @@ class EvalConfig:
 
 @dataclass
 class TinyConfig:
-    """The tiny offline world (CPU): tokenizer, tiny Qwen2 models, synthetic arithmetic task."""
+    """The tiny offline world (CPU): tokenizer, tiny Qwen2 models, synthetic arithmetic task.
+
+    Calibrated on a 2-core CPU (docs/TINY_CALIBRATION.md). Task: ``start ± a ± b`` with start in
+    [min_start, max_start] and a, b in [1, max_operand]. Changing any field rebuilds the world.
+    """
 
     seed: int = 0
     num_train: int = 4000
     num_test: int = 300
-    bpe_vocab_size: int = 400
+    min_start: int = 10
+    max_start: int = 30
+    max_operand: int = 20
+    bpe_vocab_size: int = 1024
     teacher_hidden: int = 192
     teacher_layers: int = 4
     teacher_heads: int = 6
@@ -185,7 +192,12 @@ class TinyConfig:
     teacher_pretrain_steps: int = 2000
     teacher_batch_size: int = 64
     teacher_learning_rate: float = 3e-3
+    teacher_warmup_ratio: float = 0.05
     max_seq_length: int = 128
+    max_position_embeddings: int = 512
+    eval_batch_size: int = 300
+    max_new_tokens: int = 48
+    num_threads: int = 1
 
 
 @dataclass

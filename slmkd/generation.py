@@ -36,6 +36,9 @@ __all__ = [
     "length_sorted_buckets",
 ]
 
+#: Keep SDPA off cuDNN attention during CUDA generation (see :func:`_sdpa_without_cudnn`).
+SDPA_EXCLUDE_CUDNN = True
+
 #: Special tokens that end an assistant turn in ChatML-style templates (Qwen2/2.5).
 _EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
@@ -135,7 +138,7 @@ def _sdpa_without_cudnn(device: Any):
     tokens/s and batch 256 from 3,693 to 4,156 (benchmarks/RESULTS.md). A no-op elsewhere."""
     import contextlib
 
-    if getattr(device, "type", str(device)) != "cuda":
+    if not SDPA_EXCLUDE_CUDNN or getattr(device, "type", str(device)) != "cuda":
         return contextlib.nullcontext()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel

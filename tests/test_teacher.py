@@ -375,3 +375,50 @@ def test_kill_9_mid_run_then_resume(world, tok, monkeypatch, tmp_path):
     assert len(lines) == N_ITEMS == len({r["id"] for r in lines})
     assert load_cot_records(out, kept_only=False) == load_cot_records(ref.output_dir,
                                                                       kept_only=False)
+
+
+def test_tiny_teacher_end_to_end_cli(tmp_path, capsys):
+    """`slmkd generate-cot --profile tiny` builds the (shortened) tiny world on first use and runs
+    the real trained tiny teacher through the real batched decoder."""
+    import dataclasses
+
+    import slmkd.tiny
+    from slmkd.cli import main
+    from slmkd.config import TinyConfig
+
+    if not hasattr(slmkd.tiny, "ensure_tiny_world"):
+        pytest.skip("slmkd.tiny.ensure_tiny_world is not available yet")
+    import torch
+
+    small = {"tiny.num_train": 200, "tiny.num_test": 8, "tiny.teacher_pretrain_steps": 4,
+             "tiny.teacher_batch_size": 8, "tiny.num_threads": 1, "tiny.bpe_vocab_size": 400}
+    fields = {f.name for f in dataclasses.fields(TinyConfig)}
+    conf = tmp_path / "small.json"
+    conf.write_text(json.dumps({k: v for k, v in small.items() if k.split(".")[1] in fields}))
+    argv = ["generate-cot", "--profile", "tiny", "--drive-root", str(tmp_path / "drive"),
+            "--config", str(conf), "--limit", "6", "--batch-size", "3",
+            "--max-new-tokens", "24"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast and never spin-waits
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    cdir = tmp_path / "drive" / "cot" / "gsm8k" / "tiny-qwen2-teacher"
+    assert str(cdir) in out and "records" in out
+    recs = load_cot_records(cdir, kept_only=False)
+    assert [r["id"] for r in recs] == [f"gsm8k-train-{i:05d}" for i in range(6)]
+    assert len(list(cdir.glob("shard-*.jsonl"))) == 2
+    for r in recs:
+        assert r["prompt"].startswith("<|im_start|>system") and 1 <= r["num_new_tokens"] <= 24
+        assert r["hit_max_new_tokens"] == ("truncated" in r["flags"])
+        assert r["keep"] == (not r["flags"])
+    stats = json.loads((cdir / "cot_stats.json").read_text())
+    assert stats["num_records"] == 6 and stats["complete"] and stats["generated_tokens_per_s"] > 0
+    assert (cdir / "cot_lengths.png").stat().st_size > 1000
+
+    assert main(argv) == 0  # rerun: nothing to do
+    assert "6 done, 0 to generate" in capsys.readouterr().out
+    assert main(argv[:-1] + ["32"]) == 2  # other decoding settings: refused, not mixed
+    assert "--force" in capsys.readouterr().err

@@ -4,8 +4,8 @@ Each problem is ``start ± first ± second`` told as a short story, e.g.::
 
     question: "Mia has 23 apples. She buys 15 more apples and then gives away 8 apples.
                How many apples does Mia have now?"
-    answer:   "After buying, Mia has 23 + 15 = 38 apples.\\n"
-              "After giving away, Mia has 38 - 8 = 30 apples.\\n"
+    answer:   "After buying: 23 + 15 = 38 apples.\\n"
+              "After giving away: 38 - 8 = 30 apples.\\n"
               "#### 30"
 
 which is exactly the real GSM8K JSONL record shape (``{"question", "answer"}``, the answer being a
@@ -53,6 +53,7 @@ SCENARIOS: tuple[tuple[str, str, str, str, str], ...] = (
 PATTERNS: tuple[tuple[int, int], ...] = ((1, -1), (-1, 1), (1, 1), (-1, -1))
 
 HASH_BUCKETS = 1000
+MAX_CONSECUTIVE_MISSES = 20_000  # draws in a row that were foreign or duplicate: space exhausted
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,8 @@ def _render(scenario: int, pattern: int, start: int, first: int, second: int, na
     label1 = gain_label if s1 > 0 else loss_label
     label2 = gain_label if s2 > 0 else loss_label
     answer = (
-        f"After {label1}, {who} has {start} {op1} {first} = {mid} {items}.\n"
-        f"After {label2}, {who} has {mid} {op2} {second} = {value} {items}.\n"
+        f"After {label1}: {start} {op1} {first} = {mid} {items}.\n"
+        f"After {label2}: {mid} {op2} {second} = {value} {items}.\n"
         f"#### {value}"
     )
     return Problem(scenario, pattern, start, first, second, name, question, answer, value)
@@ -159,7 +160,7 @@ def iter_problems(split: Split, seed: int, spec: ArithmeticSpec | None = None) -
         problem = _draw(rng, spec)
         if split_of_key(problem.key, spec) != split or problem.question in seen:
             misses += 1
-            if misses > 1_000_000:
+            if misses > MAX_CONSECUTIVE_MISSES:
                 raise RuntimeError(
                     f"could not draw more distinct {split} problems ({len(seen)} drawn); "
                     "widen the ArithmeticSpec ranges or ask for fewer items"
