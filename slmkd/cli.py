@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from slmkd.config import ConfigError
+    from slmkd.runtime import set_cpu_threads
+
+    set_cpu_threads()
 
     try:
         return int(args.func(args) or 0)
