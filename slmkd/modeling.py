@@ -44,14 +44,34 @@ def resolve_model_path(name: str, cfg: ExperimentConfig | None = None) -> str:
     return str(path)
 
 
-def load_tokenizer(name: str, cfg: ExperimentConfig | None = None, padding_side: str = "right"):
-    """Load the tokenizer of a model; a pad token is guaranteed (eos when the model has none)."""
-    from transformers import AutoTokenizer
+_GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_path(name, cfg),
-        trust_remote_code=bool(cfg and cfg.models.trust_remote_code),
-    )
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    import json
+
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text(encoding="utf-8")).get("tokenizer_class")
+
+
+def load_tokenizer(name: str, cfg: ExperimentConfig | None = None, padding_side: str = "right"):
+    """Load the tokenizer of a model; a pad token is guaranteed (eos when the model has none).
+
+    A local folder whose ``tokenizer_config.json`` declares the generic fast class is loaded with
+    that class, so its ``tokenizer.json`` is used exactly as saved: transformers 5's AutoTokenizer
+    otherwise picks the class registered for the model type (``Qwen2Tokenizer`` for the tiny
+    Qwen2 models), which rebuilds the pre-tokenizer and silently changes the tokenisation."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = resolve_model_path(name, cfg)
+    if (_declared_tokenizer_class(path) in _GENERIC_TOKENIZER_CLASSES
+            and (Path(path) / "tokenizer.json").is_file()):
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=bool(cfg and cfg.models.trust_remote_code))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side

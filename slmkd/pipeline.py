@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 # Rough per-stage durations in seconds, used only for the plan printed before a run.
 # tiny: measured on a 2-core CPU (docs/TINY_CALIBRATION.md); a100: order-of-magnitude figures.
 _ESTIMATES: dict[str, dict[str, float]] = {
-    "tiny": {"world": 300.0, "cot": 40.0, "train": 50.0, "train_cascod": 60.0, "eval": 8.0},
-    "gpu": {"world": 0.0, "cot": 900.0, "train": 3600.0, "train_cascod": 4500.0, "eval": 600.0},
+    "tiny": {"world": 290.0, "cot": 30.0, "train": 80.0, "train_kd": 150.0, "train_cascod": 150.0,
+             "eval": 5.0},
+    "gpu": {"world": 0.0, "cot": 900.0, "train": 3600.0, "train_kd": 5400.0,
+            "train_cascod": 4500.0, "eval": 600.0},
 }
 
 
@@ -77,7 +79,8 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
         for method in methods:
             for seed in seeds:
                 rd = run_dir_for(cfg, method, student, seed)
-                key = "train_cascod" if method.startswith("cascod") else "train"
+                key = ("train_cascod" if method.startswith("cascod")
+                       else "train_kd" if method == "kd" else "train")
                 stages.append(Stage("train", f"train {method} {model_slug(student)} seed{seed}",
                                     is_run_complete(rd), _est(cfg, key),
                                     {"method": method, "student": student, "seed": seed,
@@ -104,7 +107,9 @@ def format_plan(cfg: ExperimentConfig, stages: list[Stage]) -> str:
     from slmkd.runtime import get_drive_root
 
     todo = [s for s in stages if not s.done]
-    total = sum(s.estimate_s for s in todo)
+    # runs (train + their evaluations) share cfg.parallel_runs workers
+    par = max(1, cfg.parallel_runs)
+    total = sum(s.estimate_s / (par if s.kind in ("train", "eval") else 1) for s in todo)
     lines = [f"slmkd study plan — profile {cfg.profile}, outputs under {get_drive_root(cfg)}",
              f"  {len(stages)} stages, {len(stages) - len(todo)} already complete, "
              f"{len(todo)} to run; estimated {total / 60:.1f} min on this hardware"
@@ -146,10 +151,71 @@ def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
             evaluate_model(cfg, p["model"], p["dataset"], kind=p["kind"])
 
 
+def _run_job_in_worker(cfg_dict: dict[str, Any], stages: list[Stage]) -> list[str]:
+    """Worker-process entry: run one run's stages (train, then its evaluations) in order."""
+    from slmkd.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    for stage in stages:
+        _run_stage(cfg, stage)
+    return [s.label for s in stages]
+
+
+def _worker_init() -> None:
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # one progress bar: the study's, in the parent
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_parallel(cfg: ExperimentConfig, todo: list[Stage], bar: Any) -> None:
+    """Run every run's train+eval chain as one job, ``cfg.parallel_runs`` at a time, in
+    spawned worker processes (one torch thread each); the rest runs here, in order."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    chains: dict[str, list[Stage]] = {}
+    for s in todo:
+        if s.kind == "train":
+            chains[str(s.params["run_dir"])] = [s]
+        elif s.kind == "eval" and s.params.get("kind") == "run":
+            chains.setdefault(str(s.params["run_dir"]), []).append(s)
+    local = [s for s in todo if not any(s in c for c in chains.values())]
+    before = [s for s in local if s.kind in ("world", "cot")]
+    after = [s for s in local if s not in before]
+    for stage in before:
+        bar.set_postfix_str(stage.label[:60])
+        _run_stage(cfg, stage)
+        bar.update(1)
+    cfg_dict = cfg.to_dict()
+    with ProcessPoolExecutor(max_workers=cfg.parallel_runs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        pending = {pool.submit(_run_job_in_worker, cfg_dict, chain): chain
+                   for chain in chains.values()}
+        # meanwhile, base-model and teacher evaluations run here (they do not need the runs)
+        for stage in after:
+            bar.set_postfix_str(stage.label[:60])
+            _run_stage(cfg, stage)
+            bar.update(1)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                chain = pending.pop(fut)
+                fut.result()  # a failed run fails the study loudly
+                bar.write(f"done: {chain[0].label}")
+                bar.update(len(chain))
+
+
 def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
               students: list[str] | None = None, seeds: list[int] | None = None,
               ) -> StudyResult:
-    """Run (or continue) the whole study and write the report. Returns where it is."""
+    """Run (or continue) the whole study and write the report. Returns where it is.
+
+    With ``cfg.parallel_runs > 1`` each run's training and evaluation go to one of that many
+    worker processes (one torch thread each): on a 2-core CPU this doubles the throughput of the
+    tiny study, whose models are too small to use two threads well."""
     from tqdm.auto import tqdm
 
     from slmkd.report import build_report
@@ -161,13 +227,15 @@ def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     print(format_plan(cfg, stages), flush=True)
     todo = [s for s in stages if not s.done and s.kind != "report"]
     bar = tqdm(total=len(todo), desc="study", unit="stage")
-    for stage in todo:
-        bar.set_postfix_str(stage.label[:60])
-        t = time.time()
-        _run_stage(cfg, stage)
-        stage.done = True
-        logger.info("%s: %.1f s", stage.label, time.time() - t)
-        bar.update(1)
+    if cfg.parallel_runs > 1 and sum(s.kind == "train" for s in todo) > 1:
+        _run_parallel(cfg, todo, bar)
+    else:
+        for stage in todo:
+            bar.set_postfix_str(stage.label[:60])
+            t = time.time()
+            _run_stage(cfg, stage)
+            logger.info("%s: %.1f s", stage.label, time.time() - t)
+            bar.update(1)
     bar.close()
     report = build_report(cfg, get_drive_root(cfg))
     report_path, headline = report.path, report.headline

@@ -484,11 +484,17 @@ def build_tiny_world(root: str | os.PathLike[str], tiny: TinyConfig, progress: b
     assert teacher is not None
     with _torch_threads(tiny.num_threads):
         stats = pretrain_teacher(teacher, tokenizer, train.records, tiny, progress)
+        _save_model_dir(teacher, tokenizer, models_dir / TEACHER_NAME)
+        # evaluate what every later stage loads: the saved model through slmkd's loaders
+        from transformers import AutoModelForCausalLM
+
+        from slmkd.modeling import load_tokenizer
+
         t_eval = time.time()
-        accuracy, outputs = greedy_accuracy(teacher, tokenizer, test.records,
-                                            tiny.eval_batch_size, tiny.max_new_tokens)
+        saved = AutoModelForCausalLM.from_pretrained(models_dir / TEACHER_NAME)
+        accuracy, outputs = greedy_accuracy(saved, load_tokenizer(str(models_dir / TEACHER_NAME)),
+                                            test.records, tiny.eval_batch_size, tiny.max_new_tokens)
         eval_seconds = time.time() - t_eval
-    _save_model_dir(teacher, tokenizer, models_dir / TEACHER_NAME)
     losses = stats["losses"]
     report = {
         "accuracy": accuracy, "n": len(test.records), "correct": round(accuracy * len(test.records)),

@@ -9,7 +9,7 @@ from slmkd.cli import main
 pytestmark = pytest.mark.slow
 
 SHORT = {
-    "tiny": {"num_train": 300, "num_test": 40, "teacher_pretrain_steps": 40},
+    "tiny": {"num_train": 600, "num_test": 40, "teacher_pretrain_steps": 300},
     "train": {"max_steps": 6, "save_steps": 3, "log_every": 2},
     "generation": {"limit": 48, "keep_incorrect": True},
     "evaluation": {"gsm8k_limit": 16, "batch_size": 16},

@@ -135,3 +135,20 @@ def test_helpers() -> None:
     assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
     assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
     assert warmup_cosine(100, 100, 10) == pytest.approx(0.1)
+
+
+def test_every_stage_tokenizes_exactly_like_the_teacher_was_trained(world) -> None:
+    """Regression: transformers 5's AutoTokenizer maps model_type qwen2 to Qwen2Tokenizer, which
+    rebuilds the pre-tokenizer; slmkd.modeling.load_tokenizer must keep tokenizer.json as saved."""
+    from transformers import PreTrainedTokenizerFast
+
+    from slmkd.modeling import load_tokenizer
+
+    _, w = world
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(w.tokenizer_dir / "tokenizer.json"))
+    text = "After buying: 14 + 7 = 21 apples.\nThe answer is 21."
+    for d in [w.tokenizer_dir] + [w.model_dir(n) for n in MODEL_NAMES]:
+        tok = load_tokenizer(str(d))
+        assert tok(text, add_special_tokens=False)["input_ids"] == \
+            reference(text, add_special_tokens=False)["input_ids"], d
+        assert tok.eos_token == IM_END and tok.pad_token == PAD_TOKEN and tok.chat_template
