@@ -806,7 +806,8 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
         frac = trainer.guard.skipped_fraction
         summary = {
             "method": method, "student": student_name, "seed": int(seed),
-            "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR, "steps": int(trainer.state.global_step),
+            "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR,
+            "steps": int(trainer.state.global_step),
             "optimizer_steps_taken": trainer.guard.steps - trainer.guard.skipped,
             "skipped_batches": trainer.guard.skipped, "skipped_fraction": frac,
             "skipped_reasons": trainer.guard.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
