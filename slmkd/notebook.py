@@ -26,9 +26,11 @@ FAST_OVERRIDES: dict[str, Any] = {
     "evaluation.bbh_limit": 3,
 }
 FAST_TINY_OVERRIDES: dict[str, Any] = {
-    "tiny.num_train": 400,
+    # ~300 teacher steps: the least that reliably learns the answer format, so some teacher
+    # CoTs pass the filters (a 60-step teacher loops and none would be kept to train on)
+    "tiny.num_train": 600,
     "tiny.num_test": 60,
-    "tiny.teacher_pretrain_steps": 60,
+    "tiny.teacher_pretrain_steps": 300,
     "evaluation.batch_size": 24,
 }
 

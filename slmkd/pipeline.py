@@ -99,6 +99,16 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
             est = _est(cfg, "eval") * (2 if "cascod" in slug else 1)
             stages.append(Stage("eval", f"evaluate {slug} on {ds}", done, est,
                                 {**params, "dataset": ds}))
+    for st in [s for s in stages if s.kind == "train" and s.params["method"].startswith("cascod")]:
+        p = st.params
+        slug = f"{p['method']}__{model_slug(p['student'])}__seed{p['seed']}"
+        for ds in cfg.evaluation.datasets:
+            out = eval_dir(cfg, slug, ds) / "error_propagation.json"
+            stages.append(Stage("errprop", f"error propagation {slug} on {ds}", out.is_file(),
+                                _est(cfg, "eval") * 2,
+                                {"run_dir": p["run_dir"], "dataset": ds, "out": out,
+                                 "teacher_preds": eval_dir(cfg, model_slug(cfg.teacher), ds)
+                                 / "predictions.jsonl"}))
     stages.append(Stage("report", "report (tables, paired statistics, plots)", False, 5.0))
     return stages
 
@@ -149,6 +159,33 @@ def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
             evaluate_run(cfg, p["run_dir"], datasets=[p["dataset"]])
         else:
             evaluate_model(cfg, p["model"], p["dataset"], kind=p["kind"])
+    elif stage.kind == "errprop":
+        _error_propagation(cfg, stage.params)
+
+
+def _error_propagation(cfg: ExperimentConfig, p: dict[str, Any]) -> None:
+    """CasCoD: the student's answer accuracy given the teacher's rationale vs its own, on the
+    evaluation items (teacher rationales from the teacher's evaluation predictions)."""
+    import json
+
+    from slmkd.cascod import error_propagation
+    from slmkd.data import bbh_prompts_for
+    from slmkd.evaluation import read_train_summary
+    from slmkd.modeling import load_causal_lm, load_tokenizer
+    from slmkd.runtime import atomic_write_json
+
+    rows = [json.loads(line) for line in Path(p["teacher_preds"]).read_text().splitlines()
+            if line.strip()]
+    summary = read_train_summary(p["run_dir"])
+    final = str(Path(p["run_dir"]) / summary["final_model_dir"])
+    tok = load_tokenizer(final, cfg, padding_side="left")
+    model = load_causal_lm(final, cfg, role="student")
+    res = error_propagation(model, tok, rows, answer_cue=cfg.cascod.answer_cue,
+                            max_new_tokens_rationale=cfg.evaluation.max_new_tokens,
+                            batch_size=cfg.evaluation.batch_size,
+                            bbh_prompts=bbh_prompts_for(cfg, p["dataset"]), show_progress=False)
+    res.pop("rows", None)
+    atomic_write_json(p["out"], res)
 
 
 def _run_job_in_worker(cfg_dict: dict[str, Any], stages: list[Stage]) -> list[str]:
@@ -184,7 +221,8 @@ def _run_parallel(cfg: ExperimentConfig, todo: list[Stage], bar: Any) -> None:
             chains.setdefault(str(s.params["run_dir"]), []).append(s)
     local = [s for s in todo if not any(s in c for c in chains.values())]
     before = [s for s in local if s.kind in ("world", "cot")]
-    after = [s for s in local if s not in before]
+    last = [s for s in local if s.kind == "errprop"]  # needs the runs and the teacher's eval
+    after = [s for s in local if s not in before and s not in last]
     for stage in before:
         bar.set_postfix_str(stage.label[:60])
         _run_stage(cfg, stage)
@@ -206,6 +244,10 @@ def _run_parallel(cfg: ExperimentConfig, todo: list[Stage], bar: Any) -> None:
                 fut.result()  # a failed run fails the study loudly
                 bar.write(f"done: {chain[0].label}")
                 bar.update(len(chain))
+    for stage in last:
+        bar.set_postfix_str(stage.label[:60])
+        _run_stage(cfg, stage)
+        bar.update(1)
 
 
 def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,

@@ -502,6 +502,7 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
     md += ["", "## Paired comparisons", "", *comp_md]
     if bbh_md:
         md += ["## BBH per task (accuracy %, mean over seeds)", "", *bbh_md]
+    md += _error_propagation_md(root)
     md += ["## Training health", "", *(health_md if trains else ["No training runs found."]), ""]
     if figures:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
@@ -512,6 +513,28 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
     head = ["dataset student                      method         acc(%) ± std   vs sft (pts)"]
     head += headline_rows or ["(no trained runs evaluated yet)"]
     return ReportResult(report_path, "\n".join(head), results_csv, comparisons_csv, figures)
+
+
+def _error_propagation_md(root: Path) -> list[str]:
+    """CasCoD error propagation (``eval/*/*/error_propagation.json``, written by the pipeline):
+    the student's answer accuracy given the teacher's rationale vs given its own."""
+    files = sorted(root.glob("eval/*/*/error_propagation.json"))
+    if not files:
+        return []
+    lines = ["## CasCoD error propagation", "",
+             "Answer step of each CasCoD student run on the evaluation items, given the teacher's "
+             "rationale (from the teacher's own evaluation output) vs given the student's own "
+             "rationale. A large gap means the answer step is fine and errors come from the "
+             "student's rationale.", "",
+             "| run | dataset | n | acc. teacher rationale (%) | acc. own rationale (%) | gap (pts) |",
+             "|---|---|---|---|---|---|"]
+    for f in files:
+        d = json.loads(f.read_text())
+        lines.append(f"| {f.parent.parent.name} | {f.parent.name} | {d.get('n')} | "
+                     f"{_fmt_pct(d.get('acc_teacher_rationale'))} | "
+                     f"{_fmt_pct(d.get('acc_own_rationale'))} | "
+                     f"{_fmt_pct(d.get('propagation_gap'))} |")
+    return [*lines, ""]
 
 
 def write_report(cfg: Any = None, drive_root: str | Path | None = None) -> Path:
