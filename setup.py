@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "nbmake>=1.5", "ipykernel>=6", "hypothesis>=6.100", "ruff>=0.5",
-                "nbformat>=5.9", "psutil>=5.9"],
+                "nbformat>=5.9", "psutil>=5.9", "peft>=0.11"],
         "quant": ["bitsandbytes>=0.43"],
         "lora": ["peft>=0.11"],
         "vllm": ["vllm>=0.6"],

@@ -268,3 +268,24 @@ def test_registry_and_run_dir(world):
     assert T.run_dir_for(cfg, "kd", "student_small", 3) == \
         Path(world).resolve() / "runs" / "kd" / STUDENT / "seed3"
     assert not T.is_run_complete(Path(world) / "nothing")
+
+
+def test_lora_kd_run_trains_adapters_only_and_saves_a_merged_model(world, tmp_path):
+    """LoRA (peft, in the dev extras): only adapter weights move; final/ is a plain merged model."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(world, **{"train.max_steps": 8, "train.save_steps": 4, "train.use_lora": True,
+                             "train.lora_r": 4, "train.lora_alpha": 8,
+                             "train.learning_rate": 5e-3})
+    res = T.train(cfg, "kd", "student_small", 3, run_dir=tmp_path / "run")
+    log = read_log(res.run_dir / "log.jsonl")
+    assert log[-1]["loss"] < log[0]["loss"] and res.summary["skipped_batches"] == 0
+    merged = AutoModelForCausalLM.from_pretrained(res.final_dir)
+    sd = merged.state_dict()
+    assert not any("lora" in k for k in sd), "final/ must hold the merged plain model"
+    init = _init_weights(world)
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(sd[emb], init[emb])  # not a LoRA target: untouched
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sd[q], init[q])  # adapted and merged
