@@ -242,23 +242,11 @@ METHODS = ["sft", "kd"]  # CoT-SFT baseline, then logit KD
 * The vocabularies differ (teacher 152,064 rows, students 151,936, tokenizer 151,665): the KD is
   computed over the shared tokenizer ids only."""),
         code('''
-from slmkd.trainer import train
+from slmkd.notebook import train_grid
 
-results = {}
-for method in METHODS:
-    for student in cfg.students:
-        for seed in seeds:
-            # live plot: loss, CE, KD, grad norm and VRAM, redrawn in place; resumes by itself
-            results[(method, student, seed)] = train(cfg, method, student, seed, live_plot=True)
-'''),
-        code('''
-for (method, student, seed), r in results.items():
-    s = r.summary
-    print(f"{method:6s} {cfg.student_name(student)} seed {seed}: {s['steps']} steps, "
-          f"final loss {s['final_loss']}, CE {s['final_ce']}, KD {s['final_kd']}, "
-          f"skipped {s['skipped_batches']} ({100 * s['skipped_fraction']:.2f}%) -> {r.final_dir}")
-last = list(results.values())[-1]
-show_figures(last.run_dir / "plots")
+# every method x student x seed; live plot of loss, CE, KD, grad norm and VRAM, redrawn in place;
+# an interrupted run resumes by itself; one summary line per run, then the last run's plots
+results = train_grid(cfg, METHODS, seeds, live_plot=True)
 '''),
         md(NEXT.format(nb="03_cascod", what="CasCoD, the cascaded alternative") + "; or "
            "[04_evaluate](04_evaluate.ipynb) to score these runs."),
@@ -298,21 +286,9 @@ panel = config_panel(cfg, method="cascod")
 * The guards of notebook 02 apply unchanged: logit clamp, skipped low-token and non-finite
   steps, three seeds."""),
         code('''
-from slmkd.trainer import train
+from slmkd.notebook import train_grid
 
-results = {}
-for method in METHODS:
-    for student in cfg.students:
-        for seed in seeds:
-            results[(method, student, seed)] = train(cfg, method, student, seed, live_plot=True)
-'''),
-        code('''
-for (method, student, seed), r in results.items():
-    s = r.summary
-    print(f"{method} {cfg.student_name(student)} seed {seed}: {s['steps']} steps, "
-          f"final loss {s['final_loss']}, skipped {s['skipped_batches']} "
-          f"({100 * s['skipped_fraction']:.2f}%) -> {r.final_dir}")
-show_figures(list(results.values())[-1].run_dir / "plots")
+results = train_grid(cfg, METHODS, seeds, live_plot=True)  # same guards, checkpoints and live plots as 02
 '''),
         md(NEXT.format(nb="04_evaluate",
                        what="score every run, the base students and the teacher")),

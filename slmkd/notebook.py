@@ -90,5 +90,29 @@ def show_figures(paths: Iterable[str | os.PathLike] | str | os.PathLike | None) 
     return files
 
 
+def train_grid(cfg: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int],
+               live_plot: bool = True) -> dict[tuple[str, str, int], Any]:
+    """Train every method × ``cfg.students`` × seed (each resumes by itself), print one summary
+    line per run and show the last run's plots. Returns ``{(method, student, seed): TrainResult}``."""
+    from slmkd.trainer import train
+
+    results: dict[tuple[str, str, int], Any] = {}
+    for method in methods:
+        for student in cfg.students:
+            for seed in seeds:
+                results[(method, student, seed)] = train(cfg, method, student, seed,
+                                                         live_plot=live_plot)
+    for (method, student, seed), r in results.items():
+        s = r.summary
+        kd = f", KD {s['final_kd']:.4g}" if s.get("final_kd") is not None else ""
+        loss = "n/a" if s.get("final_loss") is None else f"{s['final_loss']:.4g}"
+        print(f"{method} {cfg.student_name(student)} seed {seed}: {s['steps']} steps, final loss "
+              f"{loss}{kd}, skipped {s['skipped_batches']} ({100 * s['skipped_fraction']:.2f}%)"
+              f" -> {r.final_dir}")
+    if results:
+        show_figures(list(results.values())[-1].run_dir / "plots")
+    return results
+
+
 __all__ = ["FAST_ENV", "FAST_OVERRIDES", "FAST_TINY_OVERRIDES", "fast_mode", "notebook_config",
-           "show_figures"]
+           "show_figures", "train_grid"]
