@@ -198,10 +198,26 @@ def _run_job_in_worker(cfg_dict: dict[str, Any], stages: list[Stage]) -> list[st
     return [s.label for s in stages]
 
 
-def _worker_init() -> None:
+def _exit_with_parent(parent: int, interval_s: float = 2.0) -> None:
+    """Worker side: end this process when the study's process is gone (e.g. killed), so no
+    orphaned run keeps writing while a rerun resumes the same run directory."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="slmkd-parent-watch").start()
+
+
+def _worker_init(parent: int) -> None:
     import os
 
     os.environ["TQDM_DISABLE"] = "1"  # one progress bar: the study's, in the parent
+    _exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -211,6 +227,7 @@ def _run_parallel(cfg: ExperimentConfig, todo: list[Stage], bar: Any) -> None:
     """Run every run's train+eval chain as one job, ``cfg.parallel_runs`` at a time, in
     spawned worker processes (one torch thread each); the rest runs here, in order."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     chains: dict[str, list[Stage]] = {}
@@ -229,7 +246,7 @@ def _run_parallel(cfg: ExperimentConfig, todo: list[Stage], bar: Any) -> None:
         bar.update(1)
     cfg_dict = cfg.to_dict()
     with ProcessPoolExecutor(max_workers=cfg.parallel_runs, mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init) as pool:
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(_run_job_in_worker, cfg_dict, chain): chain
                    for chain in chains.values()}
         # meanwhile, base-model and teacher evaluations run here (they do not need the runs)

@@ -47,3 +47,53 @@ def test_run_shortened_study_then_resume_skips_everything(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert "0 to run" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/*/*/train_summary.json")}
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from slmkd.pipeline import _worker_init
+
+def work(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
+        pool.submit(work, sys.argv[1])
+        time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_study_workers_exit_when_the_study_process_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pid_file = tmp_path / "orphan.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        for _ in range(120):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.5)
+        worker = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(20):  # the worker's watcher polls every 2 s
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived the killed study process")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
