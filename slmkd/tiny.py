@@ -229,15 +229,14 @@ def count_params(model: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 # teacher pretraining and greedy evaluation
 # ---------------------------------------------------------------------------------------------
-_ANSWER_RE = re.compile(r"The answer is\s*\$?(-?[\d,]*\.?\d+)")
 
 
 def extract_final_number(text: str) -> str | None:
-    """The normalised number after the last ``The answer is`` in ``text`` (strict format)."""
-    from slmkd.data.gsm8k import normalize_number
+    """The normalised number after the last ``The answer is`` in ``text``: the evaluator's strict
+    GSM8K extraction, so the teacher is scored exactly like every student."""
+    from slmkd.evaluation import extract_gsm8k
 
-    matches = _ANSWER_RE.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+    return extract_gsm8k(text)[0]
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
