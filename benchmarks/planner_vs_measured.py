@@ -2,7 +2,7 @@
 
 On CUDA: for a few configurations, build randomly initialised Qwen2 models of that shape (saved
 locally with a tokenizer), write a synthetic teacher-CoT folder whose examples fill the sequence
-length, run ``slmkd.trainer.train`` for a few steps (the real Trainer step: fp32 student, bf16
+length, run ``slmkd.training.train`` for a few steps (the real Trainer step: fp32 student, bf16
 autocast, fused chunked loss, AdamW) and compare ``torch.cuda.max_memory_allocated`` (the run's
 ``peak_vram_gb``) with :func:`slmkd.planner.estimate_memory`'s ``peak_allocated``. Target: within
 15 %.
@@ -10,7 +10,17 @@ autocast, fused chunked loss, AdamW) and compare ``torch.cuda.max_memory_allocat
 Without CUDA (or with ``--estimate-only``) it prints the estimates of tiny configurations only,
 so the script itself is exercised by the test-suite.
 
+Cases 0-3 were measured (benchmarks/RESULTS.md); 4-8 cover the planner's newer terms (CasCoD's
+doubled rows and second lm_head gradient buffer, bitsandbytes 8-bit AdamW with 32-bit embedding
+states, gradients resident under accumulation, LoRA); ``--study-sizes`` adds the real student
+shapes with the 7B teacher (80 GB settings, and the LoRA design recommended for 40 GB).
+
+``--token-stats`` measures the token-count constants of :mod:`slmkd.study_plan` (prompt and
+completion lengths, length tails, padding factors) with the Qwen2 tokenizer over ``shared/data``.
+
     python3 benchmarks/planner_vs_measured.py [--estimate-only] [--tokenizer DIR] [--out FILE]
+    python3 benchmarks/planner_vs_measured.py --study-sizes --cases 9,10,11,12
+    python3 benchmarks/planner_vs_measured.py --token-stats [--data DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +51,9 @@ class Case:
     batch: int
     seq: int
     ckpt: bool
+    optim: str = "adamw_torch_fused"  # slmkd's default
+    accum: int = 1
+    lora: bool = False
 
 
 def _spec(name, h, layers, heads, kv, inter, vocab, tie=True) -> ModelSpec:
@@ -55,6 +69,26 @@ def gpu_cases(vocab: int) -> list[Case]:
         Case("sft 0.5B b8 s1024 ckpt", s05, None, "sft", 8, 1024, True),
         Case("kd 0.2B<-1.5B b4 s512", s_small, t_1b, "kd", 4, 512, False),
         Case("kd 0.5B<-1.5B b8 s1024 ckpt", s05, t_1b, "kd", 8, 1024, True),
+        # the planner's newer terms (not measured yet)
+        Case("cascod 0.5B b4 s512 ckpt", s05, None, "cascod", 4, 512, True),
+        Case("sft 0.5B b8 s1024 ckpt 8bit", s05, None, "sft", 8, 1024, True, "adamw_bnb_8bit"),
+        Case("sft 0.5B b4x4 s512 ckpt", s05, None, "sft", 4, 512, True, accum=4),
+        Case("sft 0.5B b4 s512 ckpt lora", s05, None, "sft", 4, 512, True, lora=True),
+        Case("cascod-kd 0.5B<-1.5B b4 s512 ckpt", s05, t_1b, "cascod-kd", 4, 512, True),
+    ]
+
+
+def study_cases(vocab: int) -> list[Case]:
+    """The real student shapes with the 7B teacher: 80 GB settings and the 40 GB LoRA design
+    (grad_accum 1: one step's peak; accumulation adds the resident gradients, see case 6)."""
+    s15 = _spec("s-1.5B", 1536, 28, 12, 2, 8960, vocab)
+    s3 = _spec("s-3B", 2048, 36, 16, 2, 11008, vocab)
+    t7 = _spec("t-7B", 3584, 28, 28, 4, 18944, vocab + 128, tie=False)
+    return [
+        Case("kd 1.5B<-7B b4 s1024 ckpt", s15, t7, "kd", 4, 1024, True),
+        Case("kd 3B<-7B b4 s1024 ckpt", s3, t7, "kd", 4, 1024, True),
+        Case("kd 3B<-7B b4 s1024 ckpt lora", s3, t7, "kd", 4, 1024, True, lora=True),
+        Case("cascod 3B b4 s1024 ckpt lora", s3, None, "cascod", 4, 1024, True, lora=True),
     ]
 
 
@@ -69,7 +103,9 @@ def cpu_cases() -> list[Case]:
 def setup_for(case: Case, chunk_size: int, cuda: bool) -> TrainSetup:
     return TrainSetup(method=case.method, batch_size=case.batch, seq_len=case.seq,
                       gradient_checkpointing=case.ckpt, chunk_size=chunk_size,
-                      param_bytes=4, act_bytes=2 if cuda else 4, autocast=cuda)
+                      param_bytes=2 if (case.lora and cuda) else 4, act_bytes=2 if cuda else 4,
+                      autocast=cuda, optim=case.optim, grad_accum_steps=case.accum,
+                      lora=case.lora)
 
 
 def estimate_rows(cases: list[Case], chunk_size: int, cuda: bool) -> list[dict[str, Any]]:
@@ -91,7 +127,7 @@ def _save_model(spec: ModelSpec, folder: Path, tokenizer_dir: Path) -> None:
                       intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
                       tie_word_embeddings=spec.tie_embeddings, max_position_embeddings=4096)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)  # half the disk; loaders set the dtype
     model.save_pretrained(folder, safe_serialization=True)
     del model
     torch.cuda.empty_cache()
@@ -125,7 +161,7 @@ def measure(case: Case, tokenizer_dir: Path, work: Path, steps: int, chunk_size:
 
     from slmkd.config import load_config
     from slmkd.modeling import model_slug
-    from slmkd.trainer import train
+    from slmkd.training import train
 
     root = work / case.name.replace(" ", "_").replace("<-", "_from_")
     shutil.rmtree(root, ignore_errors=True)
@@ -135,10 +171,11 @@ def measure(case: Case, tokenizer_dir: Path, work: Path, steps: int, chunk_size:
     if case.teacher is not None:
         _save_model(case.teacher, tdir, tokenizer_dir)
     _write_cot(root / "drive" / "cot" / "gsm8k" / model_slug(teacher), teacher, case.seq,
-               case.batch * (steps + 1), tokenizer_dir)
+               case.batch * case.accum * (steps + 1), tokenizer_dir)
     cfg = load_config("a100-80g", environ={}, overrides={
         "drive_root": str(root / "drive"), "models.teacher_medium": teacher,
-        "train.batch_size": case.batch, "train.grad_accum_steps": 1,
+        "train.batch_size": case.batch, "train.grad_accum_steps": case.accum,
+        "train.optim": case.optim, "train.use_lora": case.lora,
         "train.max_seq_length": case.seq, "train.gradient_checkpointing": case.ckpt,
         "train.dataloader_num_workers": 0, "train.min_supervised_tokens": 1,
         "train.local_checkpoint_dir": str(root / "local"), "train.save_steps": 10_000,
@@ -146,14 +183,68 @@ def measure(case: Case, tokenizer_dir: Path, work: Path, steps: int, chunk_size:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     result = train(cfg, case.method, str(sdir), 0, max_steps=steps, save_steps=10_000)
+    # (cascod rows: the synthetic completions end with "The answer is N.", so every example splits)
     peak = result.summary.get("peak_vram_gb") or torch.cuda.max_memory_allocated() / GIB
     shutil.rmtree(root, ignore_errors=True)
     return float(peak)
 
 
+# -- token-count constants of slmkd.study_plan ----------------------------------------------
+def _expected_max_ratio(xs: list[float], b: int) -> float:
+    """E[max of b iid draws from xs] / mean(xs) (order statistics of the empirical law)."""
+    xs = sorted(xs)
+    m = len(xs)
+    e = sum(x * (((i + 1) / m) ** b - (i / m) ** b) for i, x in enumerate(xs))
+    return e / (sum(xs) / m)
+
+
+def token_stats(tokenizer_dir: Path, data_dir: Path, limit: int | None = None,
+                cot_mean: float = 200.0) -> dict[str, Any]:
+    """The measured token constants (names as in ``slmkd.study_plan.CONSTANTS``)."""
+    from transformers import AutoTokenizer
+
+    from slmkd.data import eval_subset, load_bbh, load_bbh_cot_prompts, load_gsm8k
+    from slmkd.data.prompts import build_prompt, gold_completion
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    train = load_gsm8k("train", data_dir / "gsm8k" / "train.jsonl").records[:limit]
+    prompts = [n(build_prompt(tok, r)) for r in train]
+    comps = [n(gold_completion(r)) + 1 for r in train]  # + EOS
+    bbh_dir = data_dir / "bbh"
+    cot = load_bbh_cot_prompts(bbh_dir)
+    sub = eval_subset(load_bbh(bbh_dir).records, 100, 1234, per_task=True)[:limit]
+    bbh = [n(build_prompt(tok, r, cot)) for r in sub]
+    rationales = [n(m.group(1).strip()) + 1 for text in cot.values() for m in re.finditer(
+        r"A: Let's think step by step\.(.*?)(?=\n\nQ:|\Z)", text, re.S)]
+    scale = cot_mean / (sum(comps) / len(comps))
+    rows = [p + c * scale for p, c in zip(prompts, comps)]
+    out: dict[str, Any] = {
+        "gsm8k_prompt_tokens_mean": sum(prompts) / len(prompts),
+        "gsm8k_prompt_tokens_max": max(prompts),
+        "gsm8k_gold_completion_tokens_mean": sum(comps) / len(comps),
+        "bbh_prompt_tokens_mean": sum(bbh) / len(bbh), "bbh_prompt_tokens_max": max(bbh),
+        "bbh_completion_tokens_mean": sum(rationales) / len(rationales),
+    }
+    for b in (1, 4, 16, 32, 64, 128, 256, 512):
+        out[f"len_tail_b{b}"] = _expected_max_ratio(comps, b)
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        out[f"row_pad_b{b}"] = _expected_max_ratio(rows, b)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--estimate-only", action="store_true")
+    p.add_argument("--study-sizes", action="store_true",
+                   help="add the real 1.5B/3B students with the 7B teacher (cases 9-12)")
+    p.add_argument("--token-stats", action="store_true",
+                   help="print the token-count constants of slmkd.study_plan and exit")
+    p.add_argument("--data", default=None, help="data folder (default ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="--token-stats: first N items only")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default ../shared/data/qwen2-tokenizer)")
     p.add_argument("--steps", type=int, default=3)
@@ -169,11 +260,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         cuda = False
     tok = Path(args.tokenizer) if args.tokenizer else (
         Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen2-tokenizer")
+    if args.token_stats:
+        data = Path(args.data) if args.data else tok.parent
+        stats = token_stats(tok, data, args.limit)
+        print(json.dumps(stats, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(stats, indent=2))
+        return [stats]
     if cuda:
         from transformers import AutoTokenizer
 
         vocab = len(AutoTokenizer.from_pretrained(tok))
         cases = gpu_cases(max(vocab, 151936))
+        if args.study_sizes:
+            cases += study_cases(max(vocab, 151936))
     else:
         cases = cpu_cases()
     if args.cases:

@@ -2,7 +2,7 @@
 
 Randomly initialised models with the real Qwen2.5 configurations — teacher Qwen2.5-7B-Instruct,
 student Qwen2.5-1.5B- or 3B-Instruct — trained for a few dozen ``kd`` steps through the project's
-own :class:`slmkd.trainer.DistillationTrainer` (teacher forward under no_grad, student forward +
+own :class:`slmkd.training.DistillationTrainer` (teacher forward under no_grad, student forward +
 backward with gradient checkpointing, fused chunked KD loss, clipping, AdamW), bf16 autocast,
 batch ``B × L`` tokens (default 4 × 512, a quarter prompt (masked), the rest supervised).
 
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
     from slmkd.config import load_config
-    from slmkd.trainer import DistillationTrainer, GuardState, get_method
-    from slmkd.training_data import ExampleDataset, PaddingCollator
+    from slmkd.training import DistillationTrainer, GuardState, get_method
+    from slmkd.training.data import ExampleDataset, PaddingCollator
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     tiny = args.tiny or device.type == "cpu"

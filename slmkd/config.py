@@ -251,7 +251,7 @@ class ExperimentConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from slmkd.runtime import atomic_write_text
+        from slmkd.fileio import atomic_write_text
 
         return atomic_write_text(Path(path), self.to_json() + "\n")
 

@@ -9,17 +9,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from slmkd.config import ExperimentConfig
 
+from slmkd.layout import model_slug
+
 logger = logging.getLogger(__name__)
 
+__all__ = ["TINY_PREFIX", "is_tiny_name", "load_causal_lm", "load_tokenizer", "model_slug",
+           "resolve_model_path"]
+
 TINY_PREFIX = "tiny-qwen2-"
-
-
-def model_slug(name: str) -> str:
-    """A stable folder name from a model name or path: ``Qwen/Qwen2.5-1.5B-Instruct`` →
-    ``Qwen2.5-1.5B-Instruct``. A path ending in ``final`` (a trained run) is not a good slug:
-    callers name runs ``{method}__{student}__seed{N}`` instead."""
-    slug = str(name).rstrip("/").split("/")[-1]
-    return "".join(c if (c.isalnum() or c in "._-") else "_" for c in slug)
 
 
 def is_tiny_name(name: str) -> bool:
@@ -27,17 +24,17 @@ def is_tiny_name(name: str) -> bool:
 
 
 def resolve_model_path(name: str, cfg: ExperimentConfig | None = None) -> str:
-    """Hub names and paths are returned unchanged; tiny names build the tiny world (once, cached)
-    and return the local folder of that model."""
+    """Hub names and paths are returned unchanged; tiny names are looked up in the tiny profile's
+    world (:func:`slmkd.worlds.world_for`: built once, cached) and return that model's folder."""
     if not is_tiny_name(name):
         return str(name)
+    from slmkd.config import load_config
+
     if cfg is None:
-        from slmkd.config import load_config
-
         cfg = load_config("tiny")
-    from slmkd.tiny import ensure_tiny_world
+    from slmkd.worlds import world_for
 
-    world = ensure_tiny_world(cfg)
+    world = world_for(cfg, "tiny")
     path = Path(world.models_dir) / name
     if not path.is_dir():
         raise FileNotFoundError(f"Tiny model {name!r} is not part of the tiny world at {path}.")

@@ -94,8 +94,10 @@ def train_grid(cfg: ExperimentConfig, methods: Iterable[str], seeds: Iterable[in
                live_plot: bool = True) -> dict[tuple[str, str, int], Any]:
     """Train every method × ``cfg.students`` × seed (each resumes by itself), print one summary
     line per run and show the last run's plots. Returns ``{(method, student, seed): TrainResult}``."""
-    from slmkd.trainer import train
+    from slmkd.pipeline import ensure_tiny_cot
+    from slmkd.training import train
 
+    ensure_tiny_cot(cfg)
     results: dict[tuple[str, str, int], Any] = {}
     for method in methods:
         for student in cfg.students:

@@ -8,7 +8,6 @@ complete, so rerunning the same command after any interruption continues where i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     from slmkd.modeling import model_slug
     from slmkd.runtime import get_drive_root
     from slmkd.teacher import cot_dir, is_cot_complete
-    from slmkd.trainer import is_run_complete, run_dir_for
+    from slmkd.training import is_run_complete, run_dir_for
 
     methods = list(methods or cfg.methods)
     student_names = [cfg.student_name(s) for s in (students or cfg.students)]
@@ -147,7 +146,7 @@ def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
 
         generate_cot(cfg)
     elif stage.kind == "train":
-        from slmkd.trainer import train
+        from slmkd.training import train
 
         p = stage.params
         train(cfg, p["method"], p["student"], p["seed"])
@@ -168,11 +167,10 @@ def _error_propagation(cfg: ExperimentConfig, p: dict[str, Any]) -> None:
     evaluation items (teacher rationales from the teacher's evaluation predictions)."""
     import json
 
-    from slmkd.cascod import error_propagation
     from slmkd.data import bbh_prompts_for
-    from slmkd.evaluation import read_train_summary
+    from slmkd.evaluation import error_propagation, read_train_summary
+    from slmkd.fileio import atomic_write_json
     from slmkd.modeling import load_causal_lm, load_tokenizer
-    from slmkd.runtime import atomic_write_json
 
     rows = [json.loads(line) for line in Path(p["teacher_preds"]).read_text().splitlines()
             if line.strip()]
@@ -303,39 +301,18 @@ def run_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     return StudyResult(Path(report_path) if report_path else None, headline, stages, wall)
 
 
-# -- CLI -------------------------------------------------------------------------------------
-def _run_command(args: argparse.Namespace) -> int:
-    import os
+def ensure_tiny_cot(cfg: ExperimentConfig) -> bool:
+    """Tiny profile: generate the teacher CoT when it is missing (what a user who calls
+    ``slmkd train`` or notebook 02 first expects offline). Returns True when it generated; the
+    real profiles are left alone (training then refuses, naming notebook 01)."""
+    if not cfg.is_tiny:
+        return False
+    from slmkd.teacher import cot_dir, is_cot_complete
 
-    from slmkd.cli import config_from_args
+    if is_cot_complete(cfg, cot_dir(cfg, cfg.generation.dataset, cfg.teacher)):
+        return False
+    from slmkd.teacher import generate_cot
 
-    if args.profile is None and not os.environ.get("SLMKD_PROFILE"):
-        args.profile = "tiny"  # the main job's default: the tiny study, offline on a CPU
-    overrides: dict[str, Any] = {}
-    if args.max_steps is not None:
-        overrides["train.max_steps"] = args.max_steps
-    if args.eval_limit is not None:
-        overrides["evaluation.gsm8k_limit"] = args.eval_limit
-        overrides["evaluation.bbh_limit"] = args.eval_limit
-    if args.cot_limit is not None:
-        overrides["generation.limit"] = args.cot_limit
-    cfg = config_from_args(args, **overrides)
-    run_study(cfg, methods=args.methods, students=args.students, seeds=args.seeds)
-    return 0
-
-
-def add_run_command(subparsers) -> None:
-    from slmkd.cli import add_profile_args
-
-    p = subparsers.add_parser(
-        "run", help="the whole study: teacher CoT → train → evaluate → report (resumable)")
-    add_profile_args(p)
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="sft kd cascod cascod-2stage cascod-kd (default: config's methods)")
-    p.add_argument("--students", nargs="+", default=None,
-                   help="student keys (student_primary, student_small) or model names")
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="cap training steps per run")
-    p.add_argument("--eval-limit", type=int, default=None, help="items per dataset (BBH: per task)")
-    p.add_argument("--cot-limit", type=int, default=None, help="teacher CoT items")
-    p.set_defaults(func=_run_command)
+    logger.warning("No complete teacher CoT for the tiny profile: generating it now.")
+    generate_cot(cfg, dataset=cfg.generation.dataset)
+    return True

@@ -17,9 +17,30 @@ Peak allocated memory of a training step (bytes; ``b`` micro-batch, ``s`` sequen
 
     persistent = student weights + optimizer states + teacher weights
     backward   = saved activations + autocast's bf16 weight copies + final hidden states (+ grad)
-                 + chunked-loss working set + teacher hidden states + gradients already accumulated
+                 + the loss's lm_head gradient buffer(s) + chunked-loss working set
+                 + teacher hidden states (or the cached teacher's top-k rows)
+                 + gradients already accumulated (grad_accum_steps > 1)
+    late       = gradients + the last layer's recomputed activations (end of the backward pass)
     step       = gradients + the optimizer's transient buffers (foreach AdamW: one state copy)
-    peak       = persistent + max(backward, step)
+    peak       = persistent + max(backward, late, step)
+
+With ``grad_accum_steps == 1`` no gradient is resident during the forward pass (the Trainer
+frees them after each optimizer step), which is what lets a large student fit a small card at
+micro-batch = effective batch.
+
+Method-specific terms:
+
+* ``cascod`` / ``cascod-kd``: every example gives two rows (rationale and answer) stacked in one
+  batch of one width, so the student runs ``2·b`` rows, and the loss is called twice (rationale
+  rows, answer rows): two lm_head gradient buffers ``[V, H]`` live until the backward pass.
+  ``cascod-kd`` runs the teacher on the ``b`` rationale rows only.
+* bitsandbytes 8-bit AdamW: the HF Trainer registers every ``nn.Embedding`` for 32-bit states
+  (``optim_bits=32``), so the input embedding keeps 8 B/param (+1.7 GiB for Qwen2.5-3B).
+* ``teacher_source="cached"`` (``kd``, ``cascod-kd``): no teacher is loaded; the loss reads the
+  cached top-k ids (int32) and values (bf16) plus one fp32 normaliser per temperature of each
+  supervised token.
+* LoRA: the base model in bf16, fp32 adapters and their states; the lm_head is frozen, so the
+  loss keeps no lm_head gradient.
 
 Saved activations per token and layer (transformers' Qwen2, SDPA attention, padding mask present
 so K/V are repeated to ``n_h`` heads)::
@@ -65,6 +86,10 @@ OPTIMIZER_STATE_BYTES: dict[str, float | None] = {
 }
 #: Optimizers that allocate one state-sized temporary during ``step()`` (torch's foreach AdamW).
 FOREACH_OPTIMIZERS = {"adamw_torch", "adamw_hf"}
+#: bitsandbytes 8-bit optimizers: the HF Trainer keeps ``nn.Embedding`` params in 32-bit states.
+BNB_8BIT_OPTIMIZERS = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"}
+#: Bytes per parameter of the 32-bit states bitsandbytes keeps for embeddings (two fp32 states).
+BNB_EMBEDDING_STATE_BYTES = 8.0
 
 #: NF4 with double quantisation: 4 bits + absmax (8 bits / 64 values, itself quantised) ≈ 4.13 bits.
 NF4_BYTES_PER_PARAM = 4.127 / 8
@@ -76,7 +101,14 @@ FRAGMENTATION = 0.08
 SAFETY_FRACTION = 0.92
 
 METHODS_WITH_TEACHER = {"kd", "cascod-kd"}
+#: Methods whose batches stack a rationale row and an answer row per example.
+METHODS_WITH_PAIRED_ROWS = {"cascod", "cascod-kd"}
 KNOWN_METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd")
+TEACHER_SOURCES = ("live", "cached")
+#: Bytes of the cached teacher per supervised token and kept id: int32 id + bf16 value.
+CACHE_BYTES_PER_ID = 4 + 2
+#: Bytes per supervised token and temperature of the cached normaliser (fp32).
+CACHE_BYTES_PER_TEMPERATURE = 4
 
 
 @dataclass(frozen=True)
@@ -175,6 +207,8 @@ class ModelSpec:
 
 #: Known architectures (from the models' public config.json files), keyed by lower-case slug.
 PRESETS: dict[str, ModelSpec] = {
+    # the seed study's escalation teacher (4-bit, or bf16 with device_map="auto")
+    "qwen2.5-14b": ModelSpec("Qwen2.5-14B-Instruct", 5120, 48, 40, 8, 13824, 152064, False),
     "qwen2.5-7b": ModelSpec("Qwen2.5-7B-Instruct", 3584, 28, 28, 4, 18944, 152064, False),
     "qwen2.5-3b": ModelSpec("Qwen2.5-3B-Instruct", 2048, 36, 16, 2, 11008, 151936, True),
     "qwen2.5-1.5b": ModelSpec("Qwen2.5-1.5B-Instruct", 1536, 28, 12, 2, 8960, 151936, True),
@@ -254,20 +288,44 @@ class TrainSetup:
     act_bytes: int = 2
     autocast: bool = True  # bf16 autocast over fp32 weights (Trainer bf16=True)
     padded: bool = True  # a padding mask is present → K/V repeated to all heads in SDPA
+    teacher_source: str = "live"  # "cached": KD reads the teacher's top-k from disk
+    cache_top_k: int = 64
+    cache_temperatures: int = 3  # normalisers stored per token (one per scheduled temperature)
 
     def __post_init__(self) -> None:
         if self.method not in KNOWN_METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose from {list(KNOWN_METHODS)}.")
-        for f in ("batch_size", "seq_len", "grad_accum_steps", "chunk_size"):
+        for f in ("batch_size", "seq_len", "grad_accum_steps", "chunk_size", "cache_top_k",
+                  "cache_temperatures"):
             if int(getattr(self, f)) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}.")
         if self.optim not in OPTIMIZER_STATE_BYTES:
             raise ValueError(f"Unknown optimizer {self.optim!r} for the planner; known: "
                              f"{sorted(OPTIMIZER_STATE_BYTES)}.")
+        if self.teacher_source not in TEACHER_SOURCES:
+            raise ValueError(f"Unknown teacher_source {self.teacher_source!r}; choose from "
+                             f"{list(TEACHER_SOURCES)}.")
 
     @property
     def uses_teacher(self) -> bool:
+        """The method distils from a teacher (live or cached)."""
         return self.method in METHODS_WITH_TEACHER
+
+    @property
+    def loads_teacher(self) -> bool:
+        """The teacher model sits on the GPU during training (live KD)."""
+        return self.uses_teacher and self.teacher_source == "live"
+
+    @property
+    def rows_per_example(self) -> int:
+        """Student rows per example in a batch (CasCoD stacks rationale and answer rows)."""
+        return 2 if self.method in METHODS_WITH_PAIRED_ROWS else 1
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of the cached teacher per supervised token."""
+        return (self.cache_top_k * CACHE_BYTES_PER_ID
+                + self.cache_temperatures * CACHE_BYTES_PER_TEMPERATURE)
 
 
 @dataclass
@@ -314,7 +372,8 @@ class MemoryEstimate:
         """A small text table of the breakdown."""
         s = self.setup
         head = (f"{s.method} | student {self.student}"
-                + (f" | teacher {self.teacher}{' (4-bit)' if s.teacher_4bit else ''}"
+                + (f" | teacher {self.teacher}"
+                   f"{' (4-bit)' if s.teacher_4bit and s.loads_teacher else ''}"
                    if self.teacher else "")
                 + f" | batch {s.batch_size} x seq {s.seq_len} | {s.optim}"
                 + (f" | LoRA r={s.lora_r}" if s.lora else "")
@@ -358,13 +417,16 @@ def estimate_memory(
     """Estimate the peak memory of one optimizer step (bytes, with a breakdown).
 
     ``setup_kwargs`` override fields of ``setup`` (e.g. ``batch_size=8``). The teacher is only
-    counted for methods that use one (``kd``, ``cascod-kd``).
+    counted for methods that use one (``kd``, ``cascod-kd``), and only when it is loaded
+    (``teacher_source="live"``); a cached teacher costs its top-k rows instead.
     """
     setup = replace(setup or TrainSetup(), **setup_kwargs)
     st = model_spec(student, cfg)
-    te = model_spec(teacher, cfg) if (teacher is not None and setup.uses_teacher) else None
+    te = model_spec(teacher, cfg) if (teacher is not None and setup.loads_teacher) else None
     a, pb = setup.act_bytes, setup.param_bytes
-    tokens = setup.batch_size * setup.seq_len
+    rows = setup.batch_size * setup.rows_per_example
+    tokens = rows * setup.seq_len  # student tokens (CasCoD: rationale + answer rows)
+    teacher_tokens = setup.batch_size * setup.seq_len  # kd: all rows; cascod-kd: rationale rows
     v = st.vocab_size
     notes: list[str] = []
     comp: dict[str, int] = {}
@@ -383,7 +445,15 @@ def estimate_memory(
         else 0)
     per_state = OPTIMIZER_STATE_BYTES[setup.optim]
     state_bytes = 2 * tb if per_state is None else per_state
-    comp["optimizer states"] = int(trainable * state_bytes)
+    states = trainable * state_bytes
+    if setup.optim in BNB_8BIT_OPTIMIZERS and not setup.lora:
+        # the HF Trainer overrides nn.Embedding params to 32-bit states under bitsandbytes
+        emb = st.vocab_size * st.hidden_size
+        extra = emb * (BNB_EMBEDDING_STATE_BYTES - state_bytes)
+        states += extra
+        notes.append(f"8-bit AdamW: the embedding ({params_human(emb)} params) keeps 32-bit "
+                     f"states (+{extra / GIB:.2f} GiB)")
+    comp["optimizer states"] = int(states)
     grads = trainable * tb
     step_temp = trainable * tb if setup.optim in FOREACH_OPTIMIZERS else 0
 
@@ -393,11 +463,13 @@ def estimate_memory(
         saved = st.num_layers * a * st.hidden_size * tokens
         recompute = per_layer * tokens  # one layer re-run during backward, plus its grads
         recompute += 2 * a * max(st.intermediate_size, st.q_dim) * tokens
+        last_layer = recompute
     else:
         saved = st.num_layers * per_layer * tokens
         recompute = 0
+        last_layer = per_layer * tokens  # the first layer's activations, freed last
     final_norm = (4 * st.hidden_size + 2 * a * st.hidden_size) * tokens
-    mask = setup.batch_size * setup.seq_len**2 * a if setup.padded else 0
+    mask = rows * setup.seq_len**2 * a if setup.padded else 0
     comp["activations"] = int(saved + final_norm + mask)
     comp["recomputed layer (ckpt)"] = int(recompute)
 
@@ -411,9 +483,14 @@ def estimate_memory(
     comp["hidden states for the loss"] = 2 * hb * tokens * st.hidden_size
     n_fp32 = 4 if setup.uses_teacher else 3
     comp["loss working set (chunk)"] = n_fp32 * 4 * chunk * v
-    # slmkd.losses computes the lm_head weight's gradient [V, H] (fp32) during the forward and
-    # holds it until backward
-    comp["hidden states for the loss"] += 4 * v * st.hidden_size
+    # slmkd.losses computes the lm_head weight's gradient [V, H] (in the weight's dtype) during
+    # the forward and holds it until backward; CasCoD calls the loss twice (two buffers); a
+    # frozen lm_head (LoRA) needs none
+    loss_calls = setup.rows_per_example
+    comp["loss lm_head grad buffer"] = 0 if setup.lora else loss_calls * pb * v * st.hidden_size
+    if loss_calls > 1:
+        notes.append(f"{setup.method}: {rows} rows per micro-batch ({setup.batch_size} rationale"
+                     f" + {setup.batch_size} answer), {loss_calls} lm_head gradient buffers")
 
     # -- teacher -------------------------------------------------------------------------------
     if te is not None:
@@ -424,24 +501,33 @@ def estimate_memory(
         else:
             w = te.num_params * a  # the teacher is loaded in bf16 (slmkd.modeling.pick_dtype)
         comp["teacher weights"] = int(w)
-        comp["teacher hidden states"] = a * tokens * te.hidden_size
+        comp["teacher hidden states"] = a * teacher_tokens * te.hidden_size
         # transient of the no-grad forward is freed before the student's backward: not counted.
+    elif setup.uses_teacher:
+        comp["teacher cache (top-k rows)"] = teacher_tokens * setup.cache_bytes_per_token
+        notes.append(f"teacher cached: top-{setup.cache_top_k} per token, no teacher on the GPU")
 
     persistent = comp["student weights"] + comp["optimizer states"] + comp.get("teacher weights", 0)
     grads_resident = grads if setup.grad_accum_steps > 1 else 0
     backward = (comp["activations"] + comp["recomputed layer (ckpt)"]
                 + comp["autocast weight copies"]
-                + comp["hidden states for the loss"] + comp["loss working set (chunk)"]
-                + comp.get("teacher hidden states", 0) + grads_resident)
+                + comp["hidden states for the loss"] + comp["loss lm_head grad buffer"]
+                + comp["loss working set (chunk)"]
+                + comp.get("teacher hidden states", 0) + comp.get("teacher cache (top-k rows)", 0)
+                + grads_resident)
+    late = grads + last_layer
     step = grads + step_temp
     comp["gradients"] = int(grads)
     comp["optimizer step transient"] = int(step_temp)
-    peak = int(persistent + max(backward, step))
+    peak = int(persistent + max(backward, late, step))
     overhead = int(CUDA_CONTEXT_BYTES + FRAGMENTATION * peak)
     if not setup.gradient_checkpointing and saved > 0.5 * peak:
         notes.append("activations dominate: gradient checkpointing would cut them ~"
                      f"{per_layer / (a * st.hidden_size):.0f}x")
-    return MemoryEstimate(st.name, te.name if te else None, setup, comp, peak, overhead, notes)
+    teacher_name = te.name if te else None
+    if te is None and setup.uses_teacher and teacher is not None:
+        teacher_name = f"{model_spec(teacher, cfg).name} (cached top-{setup.cache_top_k})"
+    return MemoryEstimate(st.name, teacher_name, setup, comp, peak, overhead, notes)
 
 
 @dataclass
@@ -486,7 +572,9 @@ def recommend_batch(
     advice = []
     if not setup.gradient_checkpointing:
         advice.append("enable gradient checkpointing")
-    if setup.uses_teacher and not setup.teacher_4bit:
+    if setup.loads_teacher:
+        advice.append("train from a cached teacher (kd.teacher_source='cached')")
+    if setup.loads_teacher and not setup.teacher_4bit:
         advice.append("load the teacher in 4-bit")
     if setup.optim in FOREACH_OPTIMIZERS:
         advice.append("use optim='adamw_torch_fused' (no step transient)")
@@ -516,6 +604,9 @@ def setup_from_config(cfg: ExperimentConfig, method: str = "kd", **overrides: An
         chunk_size=cfg.kd.chunk_size or _loss_default_chunk(cfg),
         # slmkd.trainer: fp32 student + bf16 autocast; with LoRA the student is loaded in bf16
         param_bytes=2 if tr.use_lora else 4,
+        teacher_source=str(getattr(cfg.kd, "teacher_source", "live") or "live"),
+        cache_top_k=int(getattr(cfg.kd, "cache_top_k", 64) or 64),
+        cache_temperatures=max(1, len(cfg.kd.temperature_schedule)),
     )
     values.update(overrides)
     return TrainSetup(**values)
@@ -600,7 +691,8 @@ def params_human(n: int) -> str:
 
 
 __all__ = [
-    "GIB", "ModelSpec", "PRESETS", "TrainSetup", "MemoryEstimate", "Recommendation", "VramPlan",
+    "GIB", "ModelSpec", "PRESETS", "TrainSetup", "TEACHER_SOURCES", "MemoryEstimate",
+    "Recommendation", "VramPlan",
     "model_spec", "estimate_memory", "estimate_vram", "recommend_batch", "setup_from_config",
     "plan_for_config",
     "human_bytes", "params_human",

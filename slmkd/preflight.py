@@ -7,8 +7,6 @@ notebooks call to turn a missing input into a message naming the notebook that m
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import uuid
@@ -23,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "REPO", "colab_badge", "colab_url", "pip_url", "MissingInputError", "require", "preflight",
-    "format_preflight", "print_preflight", "add_preflight_command", "gpu_info", "drive_info",
+    "format_preflight", "print_preflight", "gpu_info", "drive_info",
     "package_versions", "env_overrides_in_force",
 ]
 
@@ -206,30 +204,3 @@ def format_preflight(report: dict[str, Any]) -> str:
 
 def print_preflight(report: dict[str, Any]) -> None:
     print(format_preflight(report))
-
-
-def _preflight_command(args: argparse.Namespace) -> int:
-    from slmkd.cli import config_from_args
-
-    cfg = config_from_args(args)
-    report = preflight(cfg, method=args.method, student=args.student, mount=True)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_preflight(report)
-    return 1 if (args.strict and report["warnings"]) else 0
-
-
-def add_preflight_command(subparsers: Any) -> None:
-    """``slmkd preflight [--profile P] [--method M] [--student S] [--json] [--strict]``."""
-    from slmkd.cli import add_profile_args
-
-    p = subparsers.add_parser(
-        "preflight", help="check GPU, Drive, versions and overrides; plan VRAM for a method")
-    add_profile_args(p)
-    p.add_argument("--method", default="kd", help="method to plan VRAM for (default kd)")
-    p.add_argument("--student", default=None,
-                   help="student key or model name (default: the first of the config's students)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--strict", action="store_true", help="exit 1 when there are warnings")
-    p.set_defaults(func=_preflight_command)

@@ -1,13 +1,16 @@
-"""Runtime helpers: Colab detection, the Drive root, device and dtype, atomic file writes."""
+"""Runtime helpers: Colab detection, the Drive root, device and dtype, CPU threads.
+
+The atomic file writes live in :mod:`slmkd.fileio` (re-exported here for compatibility)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from slmkd.fileio import atomic_write_json, atomic_write_text, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -18,6 +21,8 @@ DRIVE_ENV = "SLMKD_DRIVE_ROOT"
 COLAB_DRIVE_MOUNT = "/content/drive"
 COLAB_DRIVE_ROOT = "/content/drive/MyDrive/slmkd"
 LOCAL_DRIVE_ROOT = "slmkd_drive"
+__all__ = ["atomic_write_json", "atomic_write_text", "read_json", "get_drive_root", "in_colab",
+           "local_scratch_dir", "mount_drive", "pick_device", "pick_dtype", "set_cpu_threads"]
 
 
 def in_colab() -> bool:
@@ -91,32 +96,3 @@ def set_cpu_threads(n: int | None = None) -> None:
         import torch
 
         torch.set_num_threads(n)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -28,7 +28,6 @@ Command line: ``python3 -m slmkd.tiny --drive-root DIR [--force]``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -234,7 +233,7 @@ def count_params(model: Any) -> int:
 def extract_final_number(text: str) -> str | None:
     """The normalised number after the last ``The answer is`` in ``text``: the evaluator's strict
     GSM8K extraction, so the teacher is scored exactly like every student."""
-    from slmkd.evaluation import extract_gsm8k
+    from slmkd.scoring import extract_gsm8k
 
     return extract_gsm8k(text)[0]
 
@@ -444,7 +443,7 @@ def build_tiny_world(root: str | os.PathLike[str], tiny: TinyConfig, progress: b
     from transformers import PreTrainedTokenizerFast
 
     from slmkd.data.gsm8k import load_gsm8k
-    from slmkd.runtime import atomic_write_json
+    from slmkd.fileio import atomic_write_json
 
     root = Path(root)
     fingerprint = tiny_fingerprint(tiny)
@@ -537,22 +536,3 @@ def ensure_tiny_world(cfg: ExperimentConfig, force: bool = False, progress: bool
         if (root / WORLD_MARKER).exists():
             logger.warning("tiny world at %s was built with other settings; rebuilding", root)
         return build_tiny_world(root, cfg.tiny, progress)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m slmkd.tiny --drive-root DIR [--force]``: build (or show) the tiny world."""
-    from slmkd.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python3 -m slmkd.tiny", description=main.__doc__)
-    parser.add_argument("--drive-root", default=None, help="default: $SLMKD_DRIVE_ROOT or ./slmkd_drive")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a world is cached")
-    args = parser.parse_args(argv)
-    overrides = {"drive_root": args.drive_root} if args.drive_root else None
-    cfg = load_config("tiny", overrides=overrides)
-    world = ensure_tiny_world(cfg, force=args.force)
-    print(json.dumps({k: str(v) for k, v in asdict(world).items()}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

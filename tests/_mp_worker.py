@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_world import make_cfg  # noqa: E402
 
-from slmkd import trainer as T  # noqa: E402
+from slmkd import training as T  # noqa: E402
 
 
 def main(world: str, run_dir: str, out: str) -> None:

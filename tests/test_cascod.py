@@ -1,19 +1,21 @@
-"""Tests for slmkd.cascod: splitting, example masks, joint loss, cascaded inference, training."""
+"""Tests for CasCoD (slmkd.data.cot_format, slmkd.training.cascod, slmkd.generation.cascade): splitting, example masks, joint loss, cascaded inference, training."""
 
 from __future__ import annotations
 
 import pytest
 
-from slmkd.cascod import (
-    DEFAULT_ALPHA_CASCOD,
+from slmkd.data.cot_format import (
     SplitCoT,
     answer_target,
-    build_answer_example,
-    build_cascod_dataset,
-    build_rationale_example,
     join_rationale_cue,
     split_cot,
     split_rationale_answer,
+)
+from slmkd.training.cascod import (
+    DEFAULT_ALPHA_CASCOD,
+    build_answer_example,
+    build_cascod_dataset,
+    build_rationale_example,
 )
 
 # -- splitting ----------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def test_build_dataset_counts_drops(tok):
 
 
 def test_collator_pads_both_kinds_to_one_width(tok):
-    from slmkd.cascod import CasCoDCollator
+    from slmkd.training.cascod import CasCoDCollator
 
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
              "completion": f"{i} + 4 = {i + 4}." + " ok." * i + f"\nThe answer is {i + 4}."}
@@ -194,7 +196,7 @@ def test_joint_loss_matches_direct_computation(tok):
     import torch
     from _tiny_lm import make_model
 
-    from slmkd.cascod import CasCoDCollator, cascod_joint_loss
+    from slmkd.training.cascod import CasCoDCollator, cascod_joint_loss
 
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
              "completion": f"{i} + 4 = {i + 4}." + " ok." * i + f"\nThe answer is {i + 4}."}
@@ -237,7 +239,7 @@ def test_joint_loss_kd_term_on_rationale_rows(tok):
     import torch.nn.functional as F
     from _tiny_lm import make_model
 
-    from slmkd.cascod import CasCoDCollator, cascod_joint_loss
+    from slmkd.training.cascod import CasCoDCollator, cascod_joint_loss
 
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 5?",
              "completion": f"{i} + 5 = {i + 5}.\nThe answer is {i + 5}."} for i in range(2)]
@@ -269,7 +271,7 @@ def test_joint_loss_kd_term_on_rationale_rows(tok):
 def test_cascaded_generate_appends_cue_then_answers(tok):
     from _tiny_lm import make_model
 
-    from slmkd.cascod import cascaded_generate
+    from slmkd.generation import cascaded_generate
     from slmkd.generation import generate_batched
 
     model = make_model(tok, seed=5)
@@ -296,7 +298,7 @@ def test_error_propagation_counts(tok, monkeypatch):
     import re
 
     import slmkd.generation as gen
-    from slmkd.cascod import error_propagation
+    from slmkd.evaluation import error_propagation
     from slmkd.generation import GenerationOutput
 
     own = {"What is 3 + 4?": "3 + 4 = 7.", "What is 5 + 5?": "5 + 5 = 11."}
@@ -335,7 +337,7 @@ def test_error_propagation_counts(tok, monkeypatch):
 # -- trainer registry ----------------------------------------------------------------------------
 def test_methods_registered_with_the_trainer():
     pytest.importorskip("torch")
-    from slmkd import trainer as T
+    from slmkd import training as T
 
     assert {"cascod", "cascod-2stage", "cascod-kd"} <= set(T.registered_methods())
     joint, kd, two = (T.get_method(m) for m in ("cascod", "cascod-kd", "cascod-2stage"))
@@ -386,7 +388,7 @@ def _cli_cascod(world, run_dir, env_extra):
     for k in [k for k in env if k.startswith("SLM_KD_")]:
         env.pop(k)
     cmd = [sys.executable, "-c", "import torch,sys; torch.set_num_threads(1); "
-           "from slmkd.trainer import main; sys.exit(main())",
+           "from slmkd.training import main; sys.exit(main())",
            "train", "--method", "cascod", "--student", "student_small", "--seed", "3",
            "--profile", "tiny", "--config", str(cfg_file), "--run-dir", str(run_dir),
            "--max-steps", "6", "--save-steps", "2"]
@@ -397,8 +399,8 @@ def _cli_cascod(world, run_dir, env_extra):
 def test_cascod_train_and_kill9_resume_is_bit_identical(world, tmp_path):
     import torch
 
-    from slmkd.monitor import read_log
-    from slmkd.trainer import FAULT_KILL_ENV, train
+    from slmkd.training.monitor import read_log
+    from slmkd.training import FAULT_KILL_ENV, train
 
     # uninterrupted reference, in process (also the end-to-end check of `cascod`)
     ref = train(_cfg(world), "cascod", "student_small", 3, run_dir=tmp_path / "ref",
@@ -430,7 +432,7 @@ def test_cascod_train_and_kill9_resume_is_bit_identical(world, tmp_path):
 
 
 def test_cascod_kd_end_to_end(world, tmp_path):
-    from slmkd.trainer import train
+    from slmkd.training import train
 
     res = train(_cfg(world), "cascod-kd", "student_small", 0, run_dir=tmp_path / "r",
                 max_steps=2)
@@ -445,7 +447,7 @@ def test_cascod_2stage_end_to_end(world, tmp_path):
 
     import torch
 
-    from slmkd.trainer import is_run_complete, train
+    from slmkd.training import is_run_complete, train
 
     run = tmp_path / "two"
     res = train(_cfg(world), "cascod-2stage", "student_small", 0, run_dir=run, max_steps=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from slmkd import checkpoint as C
+from slmkd.training import checkpoint as C
 
 
 def _ckpt(folder: Path, step: int, payload: bytes = b"x" * 1000, manifest: bool = True) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from slmkd import cli
 from slmkd import evaluation as ev
 from slmkd.config import load_config
 from slmkd.data.records import Record
@@ -37,7 +38,7 @@ def _cfg(tmp_path, **extra):
 
 class Oracle:
     """Answers item i correctly when ``i % 3 != 0`` (GSM8K: trained format; BBH: CoT style);
-    stands in for slmkd.generation.iter_generate_batched / slmkd.cascod.cascaded_generate."""
+    stands in for slmkd.generation.iter_generate_batched / slmkd.generation.cascaded_generate."""
 
     def __init__(self, records, fail_after=None):
         self.by_q = {r.question: r for r in records}
@@ -86,11 +87,10 @@ def gsm8k_records(tmp_path):
 
 
 def _patch(monkeypatch, oracle):
-    import slmkd.cascod
     import slmkd.generation
 
     monkeypatch.setattr(slmkd.generation, "iter_generate_batched", oracle.iter_generate_batched)
-    monkeypatch.setattr(slmkd.cascod, "cascaded_generate", oracle.cascaded_generate)
+    monkeypatch.setattr(slmkd.generation, "cascaded_generate", oracle.cascaded_generate)
 
 
 def test_evaluate_model_gsm8k_rows_and_summary(tmp_path, monkeypatch, gsm8k_records):
@@ -243,9 +243,9 @@ def test_real_tiny_model_generation(tmp_path):
 
 def test_cli_parser():
     parser = argparse.ArgumentParser()
-    ev.add_evaluate_command(parser.add_subparsers(dest="cmd"))
+    cli.add_evaluate_command(parser.add_subparsers(dest="cmd"))
     a = parser.parse_args(["evaluate", "--run-dir", "R", "--dataset", "bbh", "--limit", "5"])
     assert (a.run_dir, a.dataset, a.limit, a.model) == ("R", "bbh", 5, None)
-    assert a.func is ev._evaluate_command
+    assert a.func is cli._evaluate_command
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--run-dir", "R", "--model", "M"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slmkd.filters import (
+from slmkd.teacher.filters import (
     ALL_FLAGS,
     FLAG_EMPTY,
     FLAG_INCORRECT,

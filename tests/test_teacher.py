@@ -19,10 +19,10 @@ import pytest
 
 from slmkd import generation
 from slmkd.config import load_config
+from slmkd.cli import add_generate_cot_command
 from slmkd.generation import GenerationBatch, GenerationOutput, length_sorted_buckets
 from slmkd.teacher import (
     CoTConfigMismatchError,
-    add_generate_cot_command,
     generate_cot,
     is_cot_complete,
     load_cot_records,

@@ -23,7 +23,6 @@ from slmkd.tiny import (
     ensure_tiny_world,
     extract_final_number,
     load_tiny_world,
-    main,
     warmup_cosine,
 )
 
@@ -116,16 +115,6 @@ def test_cached_world_is_reused_and_partial_world_is_rebuilt(world, tmp_path) ->
     assert load_tiny_world(built.root) is None
     rebuilt = ensure_tiny_world(small, progress=False)
     assert (rebuilt.root / WORLD_MARKER).is_file() and load_tiny_world(built.root) == rebuilt
-
-
-def test_cli_helper_builds_and_reports(world, capsys, monkeypatch) -> None:
-    cfg, w = world
-    import slmkd.config
-
-    monkeypatch.setattr(slmkd.config, "load_config",
-                        lambda profile, overrides=None: fast_cfg(overrides["drive_root"]))
-    assert main(["--drive-root", cfg.drive_root]) == 0
-    assert json.loads(capsys.readouterr().out)["teacher_accuracy"] == str(w.teacher_accuracy)
 
 
 def test_helpers() -> None:

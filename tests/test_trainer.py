@@ -16,9 +16,9 @@ pytest.importorskip("slmkd.losses")
 from _train_world import STUDENT, build_world, make_cfg, overrides  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from slmkd import trainer as T  # noqa: E402
-from slmkd.monitor import read_log  # noqa: E402
-from slmkd.training_data import ExampleDataset  # noqa: E402
+from slmkd import training as T  # noqa: E402
+from slmkd.training.monitor import read_log  # noqa: E402
+from slmkd.training.data import ExampleDataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def _register_faulty(name: str, nan_steps: set[int]):
                                    config_sections=base.config_sections))
 
 
-class _Snapshot(T.TrainerCallback):
+class _Snapshot(TrainerCallback):
     """Records weights and optimiser state around given steps."""
 
     def __init__(self, steps):
@@ -209,11 +209,11 @@ def test_kill9_resume_from_drive_is_bit_identical(world, tmp_path, monkeypatch, 
     Drive checkpoint truncated: the rerun falls back to checkpoint-3 and ends bit-identical."""
     for k in [k for k in os.environ if k.startswith("SLM_KD_")]:
         monkeypatch.delenv(k)
-    assert T.main(_argv(world, tmp_path / "ref" / "run")) == 0  # uninterrupted reference
+    assert cli_main(_argv(world, tmp_path / "ref" / "run")) == 0  # uninterrupted reference
     run = tmp_path / "k" / "run"
     pp = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
     env = {**os.environ, "PYTHONPATH": pp, "OMP_NUM_THREADS": "1", T.FAULT_KILL_ENV: "7"}
-    code = "import sys, torch; torch.set_num_threads(1); from slmkd.trainer import main; main()"
+    code = "import sys, torch; torch.set_num_threads(1); from slmkd.cli import main; main()"
     killed = subprocess.run([sys.executable, "-c", code, *_argv(world, run)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -230,7 +230,7 @@ def test_kill9_resume_from_drive_is_bit_identical(world, tmp_path, monkeypatch, 
     steps_before = [e["step"] for e in read_log(run / "log.jsonl")]
     assert steps_before[-1] == 6  # logged up to the kill
     capsys.readouterr()
-    assert T.main(_argv(world, run)) == 0  # the same command again
+    assert cli_main(_argv(world, run)) == 0  # the same command again
     out = capsys.readouterr().out
     assert "checkpoint-6 is not usable" in out and "resuming from" in out
     a = load_file(str(tmp_path / "ref" / "run" / "final" / "model.safetensors"))

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from _tiny_lm import make_tokenizer  # noqa: E402
 
 from slmkd.data.prompts import IGNORE_INDEX  # noqa: E402
-from slmkd.training_data import PaddingCollator, build_sft_examples, count_supervised  # noqa: E402
+from slmkd.training.data import PaddingCollator, build_sft_examples, count_supervised  # noqa: E402
 
 
 def _rec(i, completion="3 + 4 = 7\nThe answer is 7.", keep=True, **kw):

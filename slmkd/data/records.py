@@ -96,3 +96,19 @@ def bbh_train_eval_split(records: Iterable[Record], train_per_task: int,
         for i, q in enumerate(questions):
             (train if i < k else pool).extend(by_task[task][q])
     return sorted(train, key=lambda r: r.id), sorted(pool, key=lambda r: r.id)
+
+
+def record_from_dict(rec: Any) -> Record:
+    """A :class:`Record` from a CoT record / predictions row dict (gold answer from ``gold``,
+    ``answer`` or ``target``), or the Record itself."""
+    if isinstance(rec, Record):
+        return rec
+    return Record(
+        id=str(rec.get("id", "")),
+        dataset=str(rec.get("dataset", "gsm8k")),
+        task=rec.get("task"),
+        split=str(rec.get("split", "train")),
+        question=str(rec["question"]),
+        answer=str(rec.get("gold", rec.get("answer", rec.get("target", "")))),
+        rationale=None,
+    )

@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
 def gsm8k_path(cfg: ExperimentConfig, split: str) -> str | None:
     path = cfg.data.gsm8k_train if split == "train" else cfg.data.gsm8k_test
     if path is None and cfg.is_tiny:
-        from slmkd.tiny import ensure_tiny_world
+        from slmkd.worlds import world_for
 
-        world = ensure_tiny_world(cfg)
+        world = world_for(cfg)
         path = str(world.train_path if split == "train" else world.test_path)
     return path
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from slmkd.runtime import atomic_write_json, atomic_write_text
+from slmkd.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -26,19 +26,29 @@ generating anything.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
-import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slmkd.config import ConfigError
-from slmkd.filters import ALL_FLAGS, FilterConfig, apply_filters
+from slmkd.teacher.filters import ALL_FLAGS, FilterConfig, apply_filters
+from slmkd.teacher.store import (
+    GEN_CONFIG_FILE,
+    HIST_FILE,
+    STATS_FILE,
+    ShardScan,
+    _rewrite_shard,
+    _shard_files,
+    _write_jsonl,
+    cot_dir,
+    gen_config_hash,
+    generation_settings,
+    load_cot_records,
+    scan_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +56,6 @@ __all__ = [
     "CoTConfigMismatchError",
     "CoTResult",
     "ShardScan",
-    "add_generate_cot_command",
     "cot_dir",
     "gen_config_hash",
     "generate_cot",
@@ -55,24 +64,6 @@ __all__ = [
     "load_cot_records",
     "scan_shards",
 ]
-
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.jsonl$")
-GEN_CONFIG_FILE = "gen_config.json"
-STATS_FILE = "cot_stats.json"
-HIST_FILE = "cot_lengths.png"
-REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "id": str,
-    "dataset": str,
-    "prompt": str,
-    "completion": str,
-    "gold": str,
-    "flags": list,
-    "keep": bool,
-    "teacher": str,
-    "gen_config_hash": str,
-    "num_new_tokens": int,
-    "hit_max_new_tokens": bool,
-}
 
 
 class CoTConfigMismatchError(ConfigError):
@@ -90,171 +81,6 @@ class CoTResult:
     num_kept: int
     stats_path: Path
     histogram_path: Path | None
-
-
-@dataclass
-class ShardScan:
-    """The valid records of a CoT folder (first valid line per id wins, in shard order), the
-    malformed lines ``(shard name, line number, reason)``, how many valid duplicate lines were
-    ignored, the shard indices in use and which shards contain malformed lines."""
-
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
-    origin: dict[str, str] = field(default_factory=dict)
-    malformed: list[tuple[str, int, str]] = field(default_factory=list)
-    duplicates: int = 0
-    shard_indices: list[int] = field(default_factory=list)
-    dirty_shards: set[str] = field(default_factory=set)
-    stale_tmp: list[Path] = field(default_factory=list)
-
-    @property
-    def next_index(self) -> int:
-        return max(self.shard_indices) + 1 if self.shard_indices else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# paths, settings, hashing
-# ---------------------------------------------------------------------------------------------
-def cot_dir(cfg: Any, dataset: str | None = None, teacher: str | None = None) -> Path:
-    """``{drive_root}/cot/{dataset}/{teacher_slug}``."""
-    from slmkd.modeling import model_slug
-    from slmkd.runtime import get_drive_root
-
-    dataset = dataset or cfg.generation.dataset
-    teacher = teacher or cfg.models.teacher_medium
-    return get_drive_root(cfg) / "cot" / dataset / model_slug(teacher)
-
-
-def generation_settings(cfg: Any, dataset: str, teacher: str) -> dict[str, Any]:
-    """Everything that changes what the teacher generates (batch size and backend do not)."""
-    from slmkd.modeling import model_slug
-
-    return {
-        "teacher": model_slug(teacher),
-        "dataset": dataset,
-        "decoding": "greedy",
-        "max_new_tokens": int(cfg.generation.max_new_tokens),
-        "teacher_load_in_4bit": bool(cfg.models.teacher_load_in_4bit),
-    }
-
-
-def gen_config_hash(settings: dict[str, Any]) -> str:
-    """First 16 hex digits of SHA-256 over the settings as sorted JSON."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# shards
-# ---------------------------------------------------------------------------------------------
-def _validate_record(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return "not a JSON object"
-    for key, typ in REQUIRED_FIELDS.items():
-        if key not in obj:
-            return f"missing field {key!r}"
-        if not isinstance(obj[key], typ) or (typ is int and isinstance(obj[key], bool)):
-            return f"field {key!r} has type {type(obj[key]).__name__}"
-    if not obj["id"]:
-        return "empty id"
-    return None
-
-
-def _shard_files(directory: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in directory.iterdir() if directory.is_dir() else []:
-        m = SHARD_RE.match(p.name)
-        if m and p.is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def scan_shards(directory: str | Path) -> ShardScan:
-    """Read every ``shard-*.jsonl`` of ``directory`` (see :class:`ShardScan`)."""
-    directory = Path(directory)
-    scan = ShardScan()
-    if not directory.is_dir():
-        return scan
-    scan.stale_tmp = sorted(p for p in directory.glob(".shard-*.tmp") if p.is_file())
-    for idx, path in _shard_files(directory):
-        scan.shard_indices.append(idx)
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    scan.malformed.append((path.name, n, f"invalid JSON ({e.msg})"))
-                    scan.dirty_shards.add(path.name)
-                    continue
-                problem = _validate_record(obj)
-                if problem:
-                    scan.malformed.append((path.name, n, problem))
-                    scan.dirty_shards.add(path.name)
-                    continue
-                if obj["id"] in scan.records:
-                    scan.duplicates += 1
-                    continue
-                scan.records[obj["id"]] = obj
-                scan.origin[obj["id"]] = path.name
-    return scan
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from slmkd.runtime import atomic_write_text
-
-    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    atomic_write_text(path, text)
-
-
-def _rewrite_shard(path: Path, keep_ids: set[str] | None = None, updates: dict | None = None):
-    """Rewrite a shard keeping only valid lines (first per id, in ``keep_ids`` if given) with
-    ``updates[id]`` merged in; atomic."""
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if _validate_record(obj) or obj["id"] in seen:
-                continue
-            if keep_ids is not None and obj["id"] not in keep_ids:
-                continue
-            seen.add(obj["id"])
-            if updates and obj["id"] in updates:
-                obj.update(updates[obj["id"]])
-            rows.append(obj)
-    if rows:
-        _write_jsonl(path, rows)
-    else:
-        path.unlink()
-
-
-def load_cot_records(
-    directory: str | Path, kept_only: bool = True, *, strict: bool = False
-) -> list[dict[str, Any]]:
-    """The CoT records of a folder, sorted by id; only ``keep`` ones by default.
-
-    Malformed lines are logged and skipped (``strict=True`` raises instead). Raises
-    ``FileNotFoundError`` (saying which command makes them) when the folder has no shard.
-    """
-    directory = Path(directory)
-    scan = scan_shards(directory)
-    if not scan.shard_indices:
-        raise FileNotFoundError(
-            f"No CoT shards in {directory}; run notebook 01 or `slmkd generate-cot` first."
-        )
-    if scan.malformed:
-        msg = f"{len(scan.malformed)} malformed CoT line(s) in {directory}: {scan.malformed[:3]}"
-        if strict:
-            raise ValueError(msg)
-        logger.warning("%s (skipped; rerun generate-cot to regenerate them)", msg)
-    hashes = {r["gen_config_hash"] for r in scan.records.values()}
-    if len(hashes) > 1:
-        raise ValueError(f"CoT folder {directory} mixes generation configs {sorted(hashes)}.")
-    rows = sorted(scan.records.values(), key=lambda r: r["id"])
-    return [r for r in rows if r["keep"]] if kept_only else rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +309,8 @@ def generate_cot(
             continue).
         model, tokenizer: an already loaded teacher (HF backend), else loaded from ``teacher``.
     """
+    from slmkd.fileio import atomic_write_json, read_json
     from slmkd.modeling import load_tokenizer, model_slug, resolve_model_path
-    from slmkd.runtime import atomic_write_json, read_json
 
     g = cfg.generation
     dataset = dataset or g.dataset
@@ -619,7 +445,7 @@ def is_cot_complete(cfg: Any, directory: str | Path | None = None, dataset: str 
     configured items: ``cot_stats.json`` (written last by :func:`generate_cot`) says every target
     item is present, its generation-config hash equals the one ``cfg`` gives, and it covers
     ``cfg.generation.limit`` (a run over all items covers any limit)."""
-    from slmkd.runtime import read_json
+    from slmkd.fileio import read_json
 
     dataset = dataset or cfg.generation.dataset
     teacher = teacher or cfg.models.teacher_medium
@@ -685,50 +511,3 @@ def _generate_pending(cfg: Any, teacher: str, pending: list[Any], prompts: dict[
         flush([pending[i] for i in batch.indices], batch.outputs)
         if max_batches is not None and k + 1 >= max_batches:
             break
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def _generate_cot_command(args: argparse.Namespace) -> int:
-    from slmkd.cli import config_from_args
-
-    cfg = config_from_args(
-        args,
-        **{
-            "generation.dataset": args.dataset,
-            "generation.max_new_tokens": args.max_new_tokens,
-            "generation.batch_size": args.batch_size,
-            "generation.backend": args.backend,
-            "generation.keep_incorrect": True if args.keep_incorrect else None,
-        },
-    )
-    generate_cot(cfg, dataset=args.dataset, teacher=args.teacher, output_dir=args.output,
-                 limit=args.limit, force=args.force, max_batches=args.max_batches)
-    return 0
-
-
-def add_generate_cot_command(subparsers: Any) -> None:
-    """``slmkd generate-cot [--profile P] [--output DIR] [--limit N] [--dataset gsm8k|bbh]
-    [--teacher NAME] [--force] …``"""
-    from slmkd.cli import add_profile_args
-
-    p = subparsers.add_parser(
-        "generate-cot", help="generate teacher chain-of-thought (resumable, filtered)",
-        description="Greedy teacher CoT for the training set, written as JSONL shards with "
-                    "flags and statistics. Rerunning continues where it stopped.")
-    add_profile_args(p)
-    p.add_argument("--output", default=None, help="output folder (default {drive}/cot/DS/TEACHER)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N training items")
-    p.add_argument("--dataset", choices=["gsm8k", "bbh"], default=None)
-    p.add_argument("--teacher", default=None, help="teacher model name or path")
-    p.add_argument("--force", action="store_true",
-                   help="delete an existing output made with other settings and regenerate")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--backend", choices=["hf", "vllm"], default=None)
-    p.add_argument("--keep-incorrect", action="store_true",
-                   help="keep CoT whose answer differs from the gold answer")
-    p.add_argument("--max-batches", type=int, default=None,
-                   help="stop after N batches (rerun to continue)")
-    p.set_defaults(func=_generate_cot_command)

@@ -23,7 +23,7 @@ training script** (``alpha=0.1`` in their ``run_distilled_cot.sh``: "alpha * ans
 forward, each step runs one forward pass over the rationale rows and the answer rows stacked along
 the batch dimension (the collator pads both kinds to one common length).
 
-Methods built on this module (registered with :mod:`slmkd.trainer`):
+Methods built on this module (registered by :mod:`slmkd.training.methods`):
 
 * ``cascod`` — the joint loss above;
 * ``cascod-2stage`` — the sequential reading: stage 1 trains ``q → r`` only, stage 2 continues
@@ -34,9 +34,9 @@ Methods built on this module (registered with :mod:`slmkd.trainer`):
   (``(1-α)·CE + α·T²·KL`` with the per-epoch temperature / alpha schedules and the same guards);
   the answer term stays a plain CE.
 
-Inference is cascaded (:func:`cascaded_generate`): greedy ``r`` from ``q`` until EOS, append the
-answer cue, greedy ``a``. :func:`error_propagation` compares answer accuracy given the teacher's
-rationale with the accuracy given the student's own rationale.
+Inference is cascaded (:func:`slmkd.generation.cascaded_generate`): greedy ``r`` from ``q`` until
+EOS, append the answer cue, greedy ``a``. :func:`slmkd.evaluation.error_propagation` compares
+answer accuracy given the teacher's rationale with the accuracy given the student's own rationale.
 
 Answer cue: the authors' data use "Therefore, the answer is" as both the split marker and the cue.
 This project's final-answer line is ``"The answer is N."`` (:data:`slmkd.data.prompts.
@@ -48,11 +48,22 @@ the format the evaluator's answer extraction expects.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from slmkd.data.cot_format import (
+    DEFAULT_ANSWER_CUE,
+    SPLIT_REASONS,
+    SplitCoT,
+    answer_target,
+    join_rationale_cue,
+    split_cot,
+    split_rationale_answer,
+)
+from slmkd.data.records import record_from_dict
+from slmkd.training.method_spec import MethodSpec
 
 logger = logging.getLogger(__name__)
 
@@ -73,97 +84,13 @@ __all__ = [
     "CasCoDLossOutput",
     "token_mean_ce",
     "cascod_joint_loss",
-    "cascaded_generate",
-    "error_propagation",
+    "SPLIT_REASONS",
+    "cascod_specs",
 ]
 
 #: The authors' training-script value (``alpha=0.1`` in ``shell/run_distilled_cot.sh``).
 DEFAULT_ALPHA_CASCOD = 0.1
-#: The answer cue appended after the rationale; matches the project's final-answer line.
-DEFAULT_ANSWER_CUE = "The answer is"
 CASCOD_METHODS = ("cascod", "cascod-2stage", "cascod-kd")
-
-# -- splitting -----------------------------------------------------------------------------------
-#: Reasons a completion cannot be split (counted by :func:`build_cascod_dataset`).
-SPLIT_REASONS = ("not_text", "marker_missing", "marker_repeated", "empty_answer", "empty_rationale",
-                 "text_after_answer")
-
-# Connectives that introduce the final answer ("So the answer is (A)." in BBH CoTs); they belong
-# to the answer line, not to the rationale.
-_CONNECTIVE = r"(?:(?:so|therefore|thus|hence),?\s+)?"
-
-
-@dataclass(frozen=True)
-class SplitCoT:
-    """A CoT cut at its final-answer marker: ``rationale`` (stripped, non-empty) and ``answer``
-    (the text after the marker, stripped, one trailing period removed, non-empty, one line)."""
-
-    rationale: str
-    answer: str
-
-
-def _marker_regex(marker: str) -> re.Pattern[str]:
-    words = [re.escape(w) for w in marker.strip().split()]
-    if not words:
-        raise ValueError("the final-answer marker must not be empty")
-    return re.compile(r"\b" + _CONNECTIVE + r"\s+".join(words) + r"\b", re.IGNORECASE)
-
-
-def split_cot(completion: Any, marker: str | None = None) -> SplitCoT | str:
-    """Split a teacher CoT into rationale and answer at the final-answer marker.
-
-    The marker (default :data:`slmkd.data.prompts.FINAL_ANSWER_PREFIX`, ``"The answer is"``) is
-    matched case-insensitively with an optional leading connective ("So", "Therefore,", "Thus",
-    "Hence"), so both ``"…\\nThe answer is 42."`` and BBH's ``"… So the answer is (A)."`` split.
-
-    Returns a :class:`SplitCoT`, or the reason (one of :data:`SPLIT_REASONS`) the completion has no
-    clean split: the marker is missing or occurs more than once (ambiguous: which is final?), the
-    answer after it is empty, the rationale before it is empty, or more lines follow the answer.
-    """
-    if not isinstance(completion, str):
-        return "not_text"
-    if marker is None:
-        from slmkd.data.prompts import FINAL_ANSWER_PREFIX
-
-        marker = FINAL_ANSWER_PREFIX
-    matches = list(_marker_regex(marker).finditer(completion))
-    if not matches:
-        return "marker_missing"
-    if len(matches) > 1:
-        return "marker_repeated"
-    m = matches[0]
-    rationale = completion[: m.start()].strip()
-    tail = completion[m.end() :].strip()
-    if "\n" in tail:
-        return "text_after_answer"
-    answer = tail[:-1].rstrip() if tail.endswith(".") else tail
-    answer = answer.lstrip(":").strip()
-    if not answer:
-        return "empty_answer"
-    if not rationale:
-        return "empty_rationale"
-    return SplitCoT(rationale, answer)
-
-
-def split_rationale_answer(completion: Any, marker: str | None = None) -> tuple[str, str] | None:
-    """``(rationale, answer)`` of a CoT, or ``None`` when there is no clean split (see
-    :func:`split_cot` for the rules and the reasons)."""
-    res = split_cot(completion, marker)
-    return (res.rationale, res.answer) if isinstance(res, SplitCoT) else None
-
-
-def join_rationale_cue(rationale: str, answer_cue: str = DEFAULT_ANSWER_CUE) -> str:
-    """The text the answer step is conditioned on after the prompt: ``r + "\\n" + cue``.
-
-    Used identically for training examples and for cascaded inference."""
-    return rationale.rstrip() + "\n" + answer_cue.strip()
-
-
-def answer_target(answer: str) -> str:
-    """The supervised answer text that follows the cue: ``" {a}."`` (EOS is appended by
-    :func:`slmkd.data.prompts.tokenize_example`)."""
-    return " " + answer.strip() + "."
-
 
 # -- examples ------------------------------------------------------------------------------------
 def build_rationale_example(
@@ -197,23 +124,6 @@ def build_answer_example(
         answer_target(answer),
         max_length,
         min_supervised_tokens,
-    )
-
-
-def _record_from_cot(rec: Any) -> Any:
-    """A :class:`slmkd.data.Record` from a CoT record dict (``load_cot_records``) or a Record."""
-    from slmkd.data.records import Record
-
-    if isinstance(rec, Record):
-        return rec
-    return Record(
-        id=str(rec.get("id", "")),
-        dataset=str(rec.get("dataset", "gsm8k")),
-        task=rec.get("task"),
-        split=str(rec.get("split", "train")),
-        question=str(rec["question"]),
-        answer=str(rec.get("gold", rec.get("answer", rec.get("target", "")))),
-        rationale=None,
     )
 
 
@@ -315,7 +225,7 @@ def build_cascod_dataset(
             stats.dropped[f"split:{split}"] += 1
             continue
         try:
-            prompt = build_prompt(tokenizer, _record_from_cot(rec), bbh_prompts)
+            prompt = build_prompt(tokenizer, record_from_dict(rec), bbh_prompts)
         except (KeyError, TypeError) as exc:
             stats.dropped["prompt_error"] += 1
             logger.debug("record %s: no prompt (%s)", rid, exc)
@@ -398,146 +308,6 @@ class CasCoDCollator:
             batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)
             batch["answer_row_mask"] = torch.arange(2 * b) >= b
         return batch
-
-
-# -- cascaded inference --------------------------------------------------------------------------
-def cascaded_generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    answer_cue: str = DEFAULT_ANSWER_CUE,
-    max_new_tokens_rationale: int,
-    max_new_tokens_answer: int = 64,
-    batch_size: int,
-    rationales: Sequence[str] | None = None,
-    desc: str | None = None,
-    show_progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Two-step greedy decoding of a CasCoD student.
-
-    1. ``r = greedy(q)`` until EOS (or ``max_new_tokens_rationale``), where ``q`` is the
-       chat-templated prompt;
-    2. ``a = greedy(q + r + "\\n" + cue)`` until EOS (or ``max_new_tokens_answer``).
-
-    With ``rationales`` given (e.g. the teacher's), step 1 is skipped and those are used instead
-    (the error-propagation probe). Returns, in prompt order, dicts with ``rationale``,
-    ``answer_text`` (the generated continuation after the cue), ``full_text``
-    (``r + "\\n" + cue + answer_text``: what answer extraction reads),
-    ``rationale_hit_max`` / ``answer_hit_max`` and ``num_new_tokens`` (both steps).
-    ``max_new_tokens_answer`` defaults to 64: a GSM8K number needs a few tokens, but BBH
-    word-sorting and Dyck answers are lists; the step stops at EOS anyway.
-    """
-    from slmkd.generation import generate_batched
-
-    prompts = list(prompts)
-    if rationales is None:
-        r_out = generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens_rationale,
-                                 batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
-                                 show_progress=show_progress)
-        rats = [o.text.strip() for o in r_out]
-        r_hit = [o.hit_max_new_tokens for o in r_out]
-        r_n = [o.num_new_tokens for o in r_out]
-    else:
-        if len(rationales) != len(prompts):
-            raise ValueError(f"{len(rationales)} rationales for {len(prompts)} prompts")
-        rats = [str(r).strip() for r in rationales]
-        r_hit = [False] * len(prompts)
-        r_n = [0] * len(prompts)
-    contexts = [join_rationale_cue(r, answer_cue) for r in rats]
-    answer_prompts = [p + c for p, c in zip(prompts, contexts, strict=True)]
-    a_out = generate_batched(model, tokenizer, answer_prompts,
-                             max_new_tokens=max_new_tokens_answer, batch_size=batch_size,
-                             desc=(desc or "cascod") + ": answer", show_progress=show_progress)
-    return [
-        {"rationale": r, "answer_text": a.text, "full_text": c + a.text,
-         "rationale_hit_max": rh, "answer_hit_max": a.hit_max_new_tokens,
-         "num_new_tokens": rn + a.num_new_tokens}
-        for r, c, a, rh, rn in zip(rats, contexts, a_out, r_hit, r_n, strict=True)
-    ]
-
-
-def _first(rec: dict[str, Any], keys: Sequence[str]) -> Any:
-    for k in keys:
-        if rec.get(k) is not None:
-            return rec[k]
-    return None
-
-
-def error_propagation(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[dict[str, Any]],
-    *,
-    answer_cue: str = DEFAULT_ANSWER_CUE,
-    max_new_tokens_rationale: int,
-    max_new_tokens_answer: int = 64,
-    batch_size: int,
-    bbh_prompts: dict[str, str] | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """How much of a CasCoD student's error comes from its own rationale.
-
-    For each record (a dict with ``question``, ``dataset``, ``task``, the gold answer in ``gold``
-    / ``target`` / ``answer``, and the teacher's CoT in ``completion`` / ``raw_output``: a CoT
-    record or a teacher ``predictions.jsonl`` row) the student answers twice with the same answer
-    step: given the teacher's rationale (split off the teacher's CoT) and given its own greedy
-    rationale. Records whose teacher CoT has no clean split are skipped and counted.
-
-    Returns ``n``, ``acc_teacher_rationale``, ``acc_own_rationale``, their difference
-    ``propagation_gap`` (= teacher − own), the 2×2 agreement counts ``both_correct``,
-    ``only_teacher_rationale``, ``only_own_rationale``, ``neither``, ``skipped`` (reason → count)
-    and per-record ``rows``.
-    """
-    from slmkd.data.prompts import build_prompt
-    from slmkd.evaluation import extract_answer, is_correct
-
-    kept: list[tuple[dict[str, Any], str, str]] = []
-    skipped: Counter = Counter()
-    for rec in records:
-        split = split_cot(_first(rec, ("completion", "raw_output", "teacher_output")))
-        gold = _first(rec, ("gold", "target", "answer"))
-        if not isinstance(split, SplitCoT):
-            skipped[f"split:{split}"] += 1
-            continue
-        if gold is None:
-            skipped["no_gold"] += 1
-            continue
-        try:
-            prompt = build_prompt(tokenizer, _record_from_cot(rec), bbh_prompts)
-        except (KeyError, TypeError):
-            skipped["prompt_error"] += 1
-            continue
-        kept.append((rec, prompt, split.rationale))
-    prompts = [p for _, p, _ in kept]
-    kw = dict(answer_cue=answer_cue, max_new_tokens_rationale=max_new_tokens_rationale,
-              max_new_tokens_answer=max_new_tokens_answer, batch_size=batch_size,
-              show_progress=show_progress)
-    with_teacher = cascaded_generate(model, tokenizer, prompts, rationales=[r for *_, r in kept],
-                                     desc="answer | teacher rationale", **kw)
-    with_own = cascaded_generate(model, tokenizer, prompts, desc="answer | own rationale", **kw)
-    rows: list[dict[str, Any]] = []
-    counts = Counter()
-    for (rec, _, _), t_out, o_out in zip(kept, with_teacher, with_own, strict=True):
-        ds, task, q = str(rec.get("dataset", "gsm8k")), rec.get("task"), rec.get("question")
-        gold = str(_first(rec, ("gold", "target", "answer")))
-        t_pred = extract_answer(ds, t_out["full_text"], task, q)
-        o_pred = extract_answer(ds, o_out["full_text"], task, q)
-        t_ok, o_ok = is_correct(ds, t_pred, gold, task), is_correct(ds, o_pred, gold, task)
-        counts[(t_ok, o_ok)] += 1
-        rows.append({"id": rec.get("id"), "target": gold, "teacher_rationale_pred": t_pred,
-                     "own_rationale_pred": o_pred, "teacher_rationale_correct": t_ok,
-                     "own_rationale_correct": o_ok, "own_output": o_out["full_text"]})
-    n = len(rows)
-    acc_t = sum(r["teacher_rationale_correct"] for r in rows) / n if n else float("nan")
-    acc_o = sum(r["own_rationale_correct"] for r in rows) / n if n else float("nan")
-    return {
-        "n": n, "acc_teacher_rationale": acc_t, "acc_own_rationale": acc_o,
-        "propagation_gap": acc_t - acc_o,
-        "both_correct": counts[(True, True)], "only_teacher_rationale": counts[(True, False)],
-        "only_own_rationale": counts[(False, True)], "neither": counts[(False, False)],
-        "skipped": dict(skipped), "rows": rows,
-    }
 
 
 # -- losses --------------------------------------------------------------------------------------
@@ -642,7 +412,7 @@ def cascod_joint_loss(
 def count_pair_items(batch: dict[str, Any]) -> dict[str, Any]:
     """Token counts of a stacked CasCoD batch: ``rationale`` and ``answer`` supervised tokens
     (``labels[:, 1:] != -100``) and their sum ``supervised`` (what the low-token guard checks)."""
-    from slmkd.training_data import count_supervised
+    from slmkd.training.data import count_supervised
 
     b = int(batch["num_rationale_rows"])
     nr = count_supervised(batch["labels"][:b])
@@ -679,7 +449,7 @@ def _make_pair_collator(cfg: Any, tokenizer: Any) -> CasCoDCollator:
 
 def _joint_compute_loss(trainer: Any, model: Any, inputs: dict[str, Any], items: dict[str, Any],
                         *, use_teacher: bool) -> tuple[Any, dict[str, Any]]:
-    """``compute_loss`` of ``cascod`` / ``cascod-kd`` for :class:`slmkd.trainer.MethodSpec`."""
+    """``compute_loss`` of ``cascod`` / ``cascod-kd`` (see :class:`MethodSpec`)."""
     import torch
 
     cfg = trainer.cfg
@@ -716,43 +486,37 @@ def _cascod_kd_loss(trainer, model, inputs, items):
 
 
 def _stage_ce_loss(trainer, model, inputs, items):
-    from slmkd.trainer import kd_or_ce_loss
+    from slmkd.training.sft_kd import kd_or_ce_loss
 
     return kd_or_ce_loss(trainer, model, inputs, items, use_teacher=False)
 
 
-def register_cascod_methods() -> None:
-    """Register ``cascod``, ``cascod-kd``, ``cascod-2stage`` (and its two stages,
-    ``cascod-stage1`` q→r and ``cascod-stage2`` q,r→a) with :mod:`slmkd.trainer`."""
-    from slmkd.trainer import MethodSpec, register_method
-
+def cascod_specs() -> tuple[MethodSpec, ...]:
+    """``cascod``, ``cascod-kd``, ``cascod-2stage`` and its two stages (``cascod-stage1`` q→r,
+    ``cascod-stage2`` q,r→a); registered by :mod:`slmkd.training.methods`."""
     base = ("models", "data", "train", "cascod", "generation", "tiny")
-    register_method(MethodSpec(
-        name="cascod", needs_teacher=False, build_datasets=_datasets_for("pair"),
-        compute_loss=_cascod_loss, make_collator=_make_pair_collator,
-        count_items=count_pair_items, config_sections=base,
-        description="CasCoD (joint): (1-α_c)·CE(q→r) + α_c·CE(q,r→a), α_c = 0.1 (authors')."))
-    register_method(MethodSpec(
-        name="cascod-kd", needs_teacher=True, build_datasets=_datasets_for("pair"),
-        compute_loss=_cascod_kd_loss, make_collator=_make_pair_collator,
-        count_items=count_pair_items, config_sections=base + ("kd",),
-        description="CasCoD with logit KD on the rationale term: "
-                    "(1-α_c)·[(1-α)·CE + α·T²·KL](q→r) + α_c·CE(q,r→a)."))
-    register_method(MethodSpec(
-        name="cascod-stage1", needs_teacher=False, build_datasets=_datasets_for("rationale"),
-        compute_loss=_stage_ce_loss, config_sections=base,
-        description="CasCoD two-stage, stage 1: CE on q→r."))
-    register_method(MethodSpec(
-        name="cascod-stage2", needs_teacher=False, build_datasets=_datasets_for("answer"),
-        compute_loss=_stage_ce_loss, config_sections=base,
-        description="CasCoD two-stage, stage 2: CE on q,r→a, from stage 1's weights."))
-    register_method(MethodSpec(
-        name="cascod-2stage", needs_teacher=False, stages=("cascod-stage1", "cascod-stage2"),
-        config_sections=base,
-        description="CasCoD sequential: stage 1 q→r, then stage 2 q,r→a from stage 1's model."))
-
-
-try:  # the trainer imports this module lazily to register the methods
-    register_cascod_methods()
-except ImportError:  # pragma: no cover - torch/transformers missing: data helpers still work
-    logger.debug("slmkd.trainer not importable; CasCoD methods not registered")
+    return (
+        MethodSpec(
+            name="cascod", needs_teacher=False, build_datasets=_datasets_for("pair"),
+            compute_loss=_cascod_loss, make_collator=_make_pair_collator,
+            count_items=count_pair_items, config_sections=base,
+            description="CasCoD (joint): (1-α_c)·CE(q→r) + α_c·CE(q,r→a), α_c = 0.1 (authors')."),
+        MethodSpec(
+            name="cascod-kd", needs_teacher=True, build_datasets=_datasets_for("pair"),
+            compute_loss=_cascod_kd_loss, make_collator=_make_pair_collator,
+            count_items=count_pair_items, config_sections=base + ("kd",),
+            description="CasCoD with logit KD on the rationale term: "
+                        "(1-α_c)·[(1-α)·CE + α·T²·KL](q→r) + α_c·CE(q,r→a)."),
+        MethodSpec(
+            name="cascod-stage1", needs_teacher=False, build_datasets=_datasets_for("rationale"),
+            compute_loss=_stage_ce_loss, config_sections=base,
+            description="CasCoD two-stage, stage 1: CE on q→r."),
+        MethodSpec(
+            name="cascod-stage2", needs_teacher=False, build_datasets=_datasets_for("answer"),
+            compute_loss=_stage_ce_loss, config_sections=base,
+            description="CasCoD two-stage, stage 2: CE on q,r→a, from stage 1's weights."),
+        MethodSpec(
+            name="cascod-2stage", needs_teacher=False, stages=("cascod-stage1", "cascod-stage2"),
+            config_sections=base,
+            description="CasCoD sequential: stage 1 q→r, then stage 2 q,r→a from stage 1's model."),
+    )

@@ -77,7 +77,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 def truncate_log(path: str | os.PathLike, max_step: int) -> int:
     """Keep only entries with ``step <= max_step`` (used on resume: no duplicate steps).
     Returns how many entries were removed."""
-    from slmkd.runtime import atomic_write_text
+    from slmkd.fileio import atomic_write_text
 
     entries = read_log(path)
     keep = [e for e in entries if int(e.get("step", 0)) <= max_step]

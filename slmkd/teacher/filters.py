@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from slmkd.scoring import extract_answer, extract_bbh, extract_gsm8k, is_correct
+
 __all__ = [
     "FLAG_EMPTY",
     "FLAG_TRUNCATED",
@@ -151,15 +153,13 @@ def blocking_flags(flags: Iterable[str], keep_incorrect: bool = False) -> list[s
 
 def _extract(dataset: str, text: str, task: str | None, question: str | None):
     """``(strict, answer)``: strict from the trained format, answer = strict or flexible."""
-    from slmkd import evaluation
-
     ds = dataset.lower()
-    if ds == "gsm8k" and hasattr(evaluation, "extract_gsm8k"):
-        strict, flexible = evaluation.extract_gsm8k(text)
-    elif ds == "bbh" and hasattr(evaluation, "extract_bbh"):
-        strict, flexible = evaluation.extract_bbh(text, task, question)
+    if ds == "gsm8k":
+        strict, flexible = extract_gsm8k(text)
+    elif ds == "bbh":
+        strict, flexible = extract_bbh(text, task, question)
     else:
-        strict = flexible = evaluation.extract_answer(dataset, text, task=task, question=question)
+        strict = flexible = extract_answer(dataset, text, task=task, question=question)
     return strict, (strict if strict is not None else flexible)
 
 
@@ -174,8 +174,6 @@ def apply_filters(
     config: FilterConfig | None = None,
 ) -> FilterResult:
     """Run every filter on one completion (see the module docstring) and decide ``keep``."""
-    from slmkd.evaluation import is_correct
-
     config = config or FilterConfig()
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a string, got {type(completion).__name__}")

@@ -177,27 +177,21 @@ def count_supervised(labels: torch.Tensor) -> torch.Tensor:
     return labels[..., 1:].ne(IGNORE_INDEX).sum()
 
 
-def load_training_records(cfg: ExperimentConfig, dataset: str | None = None,
-                          build_missing: bool | None = None) -> tuple[list[dict[str, Any]], str]:
-    """The kept teacher CoT records for ``dataset`` (default ``cfg.generation.dataset``).
-
-    When the CoT folder has no complete output, the tiny profile generates it
-    (:func:`slmkd.teacher.generate_cot`); other profiles raise with what to run.
-    Returns ``(records, cot_dir)``.
-    """
-    from slmkd import teacher as teacher_mod
+def load_training_records(cfg: ExperimentConfig, dataset: str | None = None
+                          ) -> tuple[list[dict[str, Any]], str]:
+    """The kept teacher CoT records for ``dataset`` (default ``cfg.generation.dataset``) and the
+    CoT folder they came from. Raises ``FileNotFoundError`` naming the command to run when the
+    folder has no complete output (the faces — ``slmkd run``/``train``, the notebooks — generate
+    it first in the tiny profile), ``ValueError`` when no record was kept."""
+    from slmkd.teacher.store import cot_dir, load_cot_records
 
     dataset = dataset or cfg.generation.dataset
-    cdir = teacher_mod.cot_dir(cfg, dataset, cfg.teacher)
-    build = cfg.is_tiny if build_missing is None else build_missing
+    cdir = cot_dir(cfg, dataset, cfg.teacher)
     if not _cot_complete(cdir):
-        if not build:
-            raise FileNotFoundError(
-                f"No complete teacher CoT in {cdir}: run notebook 01_teacher_cot "
-                f"(or `slmkd cot --profile {cfg.profile}`) first.")
-        logger.warning("No complete teacher CoT in %s: generating it now (tiny profile).", cdir)
-        teacher_mod.generate_cot(cfg, dataset=dataset)
-    records = teacher_mod.load_cot_records(cdir, kept_only=True)
+        raise FileNotFoundError(
+            f"No complete teacher CoT in {cdir}: run notebook 01_teacher_cot "
+            f"(or `slmkd generate-cot --profile {cfg.profile}`) first.")
+    records = load_cot_records(cdir, kept_only=True)
     if not records:
         raise ValueError(f"The teacher CoT in {cdir} has no kept record: nothing to train on.")
     return records, str(cdir)

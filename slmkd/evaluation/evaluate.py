@@ -1,0 +1,291 @@
+"""Evaluation of one model on GSM8K / BBH: generate, score every item, summarise, resumably.
+
+Each finished generation batch is appended to ``predictions.jsonl`` (see
+:mod:`slmkd.evaluation.predictions`), so a rerun continues where it stopped. Scoring is
+:func:`slmkd.scoring.score_prediction`; CasCoD students decode in two steps
+(:func:`slmkd.generation.cascaded_generate`). This module imports nothing heavy at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from slmkd.data.prompts import FINAL_ANSWER_PREFIX
+from slmkd.evaluation.leakage import check_no_leakage, training_questions_for_run
+from slmkd.evaluation.predictions import (
+    CASCOD_METHODS,
+    EVAL_META_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    _append_rows,
+    eval_dir,
+    read_predictions,
+    run_model_slug,
+    summarize_predictions,
+)
+from slmkd.scoring import score_prediction
+
+_USE_CONFIG: Any = object()
+
+def _resolve_limit(cfg: Any, dataset: str, limit: Any) -> int | None:
+    if limit is _USE_CONFIG:
+        return cfg.evaluation.gsm8k_limit if dataset == "gsm8k" else cfg.evaluation.bbh_limit
+    if limit is not None and int(limit) <= 0:
+        return None
+    return None if limit is None else int(limit)
+
+
+def evaluation_records(cfg: Any, dataset: str, limit: Any = _USE_CONFIG) -> list[Any]:
+    """The evaluation items: the test split (BBH: the pool disjoint from any BBH training part)
+    reduced to ``limit`` items (BBH: per task) by ``cfg.evaluation.subset_seed``; sorted by id.
+    ``limit`` defaults to ``cfg.evaluation.gsm8k_limit`` / ``bbh_limit``; ``None`` = all."""
+    from slmkd.data.records import eval_subset
+    from slmkd.data.sources import load_records
+
+    if dataset not in ("gsm8k", "bbh"):
+        raise ValueError(f"unknown dataset {dataset!r}: expected 'gsm8k' or 'bbh'")
+    loaded = load_records(cfg, dataset, "test")
+    if not loaded.records:
+        raise ValueError(f"no {dataset} evaluation records ({loaded.summary()})")
+    return eval_subset(loaded.records, _resolve_limit(cfg, dataset, limit),
+                       cfg.evaluation.subset_seed, per_task=(dataset == "bbh"))
+
+
+def evaluate_model(
+    cfg: Any,
+    model: Any,
+    dataset: str,
+    *,
+    method: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    limit: Any = _USE_CONFIG,
+    tokenizer: Any = None,
+    tokenizer_name: str | None = None,
+    model_slug: str | None = None,
+    kind: str | None = None,
+    student: str | None = None,
+    seed: int | None = None,
+    train_questions: Iterable[str] | None = None,
+    records: Sequence[Any] | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Generate, score and summarise one model on one dataset; returns the summary dict.
+
+    ``model`` is a model name / local path (loaded only if some item still needs generating) or
+    a loaded model (then pass ``tokenizer``). Prompts are the training chat prompts
+    (:func:`slmkd.data.prompts.build_prompt`); CasCoD methods decode in two steps
+    (:func:`slmkd.generation.cascaded_generate`), others greedily
+    (:func:`slmkd.generation.iter_generate_batched`, or vLLM with
+    ``cfg.evaluation.backend == "vllm"``). Each finished batch is appended to
+    ``predictions.jsonl``, so a rerun continues where it stopped; ``summary.json`` is written
+    atomically at the end. With ``train_questions`` the leakage guard runs first.
+    """
+    import time
+
+    from slmkd.fileio import atomic_write_json
+    from slmkd.modeling import model_slug as _slug
+
+    dataset = dataset.lower()
+    name = model if isinstance(model, (str, os.PathLike)) else None
+    if name is None and tokenizer is None:
+        raise ValueError("pass tokenizer= together with a loaded model")
+    slug = model_slug or (_slug(str(name)) if name is not None else "model")
+    if kind is None:
+        kind = "run" if method else ("teacher" if name == cfg.teacher else "base")
+    subset = list(records) if records is not None else evaluation_records(cfg, dataset, limit)
+    if train_questions is not None:
+        check_no_leakage(subset, train_questions)
+    out = Path(out_dir) if out_dir is not None else eval_dir(cfg, slug, dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / PREDICTIONS_FILE
+    max_new = int(max_new_tokens or cfg.evaluation.max_new_tokens)
+    bs = int(batch_size or cfg.evaluation.batch_size)
+    cascod = method in CASCOD_METHODS
+    meta = {"model": slug, "model_name": str(name) if name is not None else None,
+            "dataset": dataset, "method": method, "max_new_tokens": max_new,
+            "cascaded": cascod, "answer_cue": cfg.cascod.answer_cue if cascod else None,
+            "final_answer_prefix": FINAL_ANSWER_PREFIX}
+    meta_path = out / EVAL_META_FILE
+    if force:
+        for p in (pred_path, out / SUMMARY_FILE, meta_path):
+            p.unlink(missing_ok=True)
+    if meta_path.is_file() and pred_path.is_file():
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        diff = {k: (old.get(k), v) for k, v in meta.items()
+                if old.get(k) != v and k != "model_name"}
+        if diff:
+            raise ValueError(
+                f"{pred_path} was produced with different settings {diff}; rerun with "
+                "force=True (CLI: --force) to start over, or use another out_dir."
+            )
+    atomic_write_json(meta_path, meta)
+
+    done, bad = read_predictions(pred_path)
+    if bad:  # drop a line cut short by a crash, atomically
+        from slmkd.fileio import atomic_write_text
+
+        atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                             for r in done.values()))
+    pending = [r for r in subset if r.id not in done]
+    t0 = time.perf_counter()
+    if pending:
+        _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending, pred_path,
+                       done, method=method, batch_size=bs, max_new_tokens=max_new,
+                       desc=f"eval {slug} {dataset}", show_progress=show_progress)
+    rows = [done[r.id] for r in subset if r.id in done]
+    if len(rows) != len(subset):
+        raise RuntimeError(f"{len(subset) - len(rows)} items have no prediction in {pred_path}")
+    summary = summarize_predictions(rows, dataset, seed=cfg.evaluation.subset_seed)
+    summary.update({
+        "model": slug, "model_name": meta["model_name"], "kind": kind, "method": method,
+        "student": student, "seed": seed, "subset_seed": cfg.evaluation.subset_seed,
+        "limit": (len(subset) if records is not None else _resolve_limit(cfg, dataset, limit)),
+        "max_new_tokens": max_new, "generated_now": len(pending),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "leakage_checked": train_questions is not None,
+        "predictions": str(pred_path),
+    })
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending, pred_path,
+                   done, *, method, batch_size, max_new_tokens, desc, show_progress) -> None:
+    """Generate for ``pending`` records and append scored rows batch by batch."""
+    from slmkd.data.prompts import build_prompt
+    from slmkd.data.sources import bbh_prompts_for
+
+    if tokenizer is None:
+        from slmkd.modeling import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(str(name), cfg, padding_side="left")
+        except (OSError, ValueError):
+            if not tokenizer_name:
+                raise
+            tokenizer = load_tokenizer(tokenizer_name, cfg, padding_side="left")
+    bbh_prompts = bbh_prompts_for(cfg, dataset)
+    prompts = [build_prompt(tokenizer, r, bbh_prompts) for r in pending]
+
+    def rows_for(idx: Sequence[int], texts: Sequence[str], extra: Sequence[dict]) -> list[dict]:
+        rows = []
+        for i, text, ex in zip(idx, texts, extra, strict=True):
+            rec = pending[i]
+            row = {"id": rec.id, "dataset": dataset, "task": rec.task, "question": rec.question,
+                   "raw_output": text, "target": rec.answer}
+            row.update(score_prediction(dataset, text, rec.answer, rec.task, rec.question))
+            row.update(ex)
+            rows.append(row)
+            done[rec.id] = row
+        return rows
+
+    backend = getattr(cfg.evaluation, "backend", "hf")
+    if backend == "vllm" and name is not None and method not in CASCOD_METHODS:
+        from slmkd.generation import generate_batched_vllm
+
+        def on_batch(b):
+            _append_rows(pred_path, rows_for(
+                b.indices, [o.text for o in b.outputs],
+                [{"num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
+                 for o in b.outputs]))
+
+        from slmkd.modeling import resolve_model_path
+
+        generate_batched_vllm(resolve_model_path(str(name), cfg), tokenizer, prompts,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size * 8,
+                              desc=desc, on_batch=on_batch)
+        return
+
+    if name is not None:
+        from slmkd.modeling import load_causal_lm
+
+        model = load_causal_lm(str(name), cfg, role="student", for_training=False)
+    if method in CASCOD_METHODS:
+        from slmkd.generation import cascaded_generate
+
+        step = batch_size * 4  # persist every few batches
+        for k in range(0, len(prompts), step):
+            outs = cascaded_generate(
+                model, tokenizer, prompts[k:k + step], answer_cue=cfg.cascod.answer_cue,
+                max_new_tokens_rationale=max_new_tokens, batch_size=batch_size,
+                desc=f"{desc} [{k}/{len(prompts)}]", show_progress=show_progress)
+            idx = list(range(k, k + len(outs)))
+            _append_rows(pred_path, rows_for(
+                idx, [o["full_text"] for o in outs],
+                [{"num_new_tokens": o["num_new_tokens"],
+                  "hit_max_new_tokens": bool(o["rationale_hit_max"] or o["answer_hit_max"]),
+                  "rationale": o["rationale"]} for o in outs]))
+        return
+    from slmkd.generation import iter_generate_batched
+
+    for b in iter_generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, desc=desc,
+                                   show_progress=show_progress):
+        _append_rows(pred_path, rows_for(
+            b.indices, [o.text for o in b.outputs],
+            [{"num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
+             for o in b.outputs]))
+
+
+def read_train_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``run_dir/train_summary.json`` (written last by the trainer: the run is complete)."""
+    p = Path(run_dir) / "train_summary.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{p} not found: the run is not complete. Finish it with notebook 02/03 or "
+            "`slmkd train` (it resumes from its last checkpoint).")
+    s = json.loads(p.read_text(encoding="utf-8"))
+    missing = [k for k in ("method", "student", "seed") if k not in s]
+    if missing:
+        raise ValueError(f"{p} lacks {missing}")
+    return s
+
+
+def evaluate_run(
+    cfg: Any,
+    run_dir: str | os.PathLike[str],
+    *,
+    datasets: Sequence[str] | None = None,
+    limit: Any = _USE_CONFIG,
+    check_leakage: bool = True,
+    force: bool = False,
+    show_progress: bool = True,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a trained run on ``datasets`` (default ``cfg.evaluation.datasets``).
+
+    Reads ``train_summary.json`` (method, student, seed, final_model_dir), evaluates
+    ``run_dir/final_model_dir`` into ``eval/{method}__{student_slug}__seed{N}/{dataset}/`` and
+    returns ``{dataset: summary}``. The leakage guard compares every evaluation question with
+    the questions of the run's training data (teacher CoT records and training split).
+    """
+    run_dir = Path(run_dir)
+    ts = read_train_summary(run_dir)
+    method, student, seed = str(ts["method"]), str(ts["student"]), int(ts["seed"])
+    final = run_dir / str(ts.get("final_model_dir") or "final")
+    if not final.is_dir():
+        raise FileNotFoundError(f"final model folder {final} (from train_summary.json) is missing")
+    slug = run_model_slug(method, student, seed)
+    train_q = training_questions_for_run(cfg, ts) if check_leakage else None
+    out: dict[str, dict[str, Any]] = {}
+    for ds in datasets or cfg.evaluation.datasets:
+        out[ds] = evaluate_model(
+            cfg, str(final), ds, method=method, limit=limit, model_slug=slug, kind="run",
+            student=student, seed=seed, train_questions=train_q, tokenizer_name=student,
+            force=force, show_progress=show_progress, **kwargs)
+    return out
+
+
+def format_summary_line(summary: dict[str, Any]) -> str:
+    """``model dataset: acc 52.4% [47.9, 56.8] (strict 51.0%, flexible 53.2%), n=500``."""
+    return (f"{summary['model']} {summary['dataset']}: acc {100 * summary['accuracy']:.1f}% "
+            f"[{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}] "
+            f"(strict {100 * summary['strict_accuracy']:.1f}%, "
+            f"flexible {100 * summary['flexible_accuracy']:.1f}%), n={summary['n']}")

@@ -1,0 +1,69 @@
+"""CasCoD's cascaded inference: rationale first, then the answer conditioned on it.
+
+It is generation, not training: the evaluator, the error-propagation probe and stage 2's
+training-data builder all call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from slmkd.data.cot_format import DEFAULT_ANSWER_CUE, join_rationale_cue
+from slmkd.generation.batched import generate_batched
+
+__all__ = ["cascaded_generate"]
+
+
+def cascaded_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    answer_cue: str = DEFAULT_ANSWER_CUE,
+    max_new_tokens_rationale: int,
+    max_new_tokens_answer: int = 64,
+    batch_size: int,
+    rationales: Sequence[str] | None = None,
+    desc: str | None = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Two-step greedy decoding of a CasCoD student.
+
+    1. ``r = greedy(q)`` until EOS (or ``max_new_tokens_rationale``), where ``q`` is the
+       chat-templated prompt;
+    2. ``a = greedy(q + r + "\\n" + cue)`` until EOS (or ``max_new_tokens_answer``).
+
+    With ``rationales`` given (e.g. the teacher's), step 1 is skipped and those are used instead
+    (the error-propagation probe). Returns, in prompt order, dicts with ``rationale``,
+    ``answer_text`` (the generated continuation after the cue), ``full_text``
+    (``r + "\\n" + cue + answer_text``: what answer extraction reads),
+    ``rationale_hit_max`` / ``answer_hit_max`` and ``num_new_tokens`` (both steps).
+    ``max_new_tokens_answer`` defaults to 64: a GSM8K number needs a few tokens, but BBH
+    word-sorting and Dyck answers are lists; the step stops at EOS anyway.
+    """
+    prompts = list(prompts)
+    if rationales is None:
+        r_out = generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens_rationale,
+                                 batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
+                                 show_progress=show_progress)
+        rats = [o.text.strip() for o in r_out]
+        r_hit = [o.hit_max_new_tokens for o in r_out]
+        r_n = [o.num_new_tokens for o in r_out]
+    else:
+        if len(rationales) != len(prompts):
+            raise ValueError(f"{len(rationales)} rationales for {len(prompts)} prompts")
+        rats = [str(r).strip() for r in rationales]
+        r_hit = [False] * len(prompts)
+        r_n = [0] * len(prompts)
+    contexts = [join_rationale_cue(r, answer_cue) for r in rats]
+    answer_prompts = [p + c for p, c in zip(prompts, contexts, strict=True)]
+    a_out = generate_batched(model, tokenizer, answer_prompts,
+                             max_new_tokens=max_new_tokens_answer, batch_size=batch_size,
+                             desc=(desc or "cascod") + ": answer", show_progress=show_progress)
+    return [
+        {"rationale": r, "answer_text": a.text, "full_text": c + a.text,
+         "rationale_hit_max": rh, "answer_hit_max": a.hit_max_new_tokens,
+         "num_new_tokens": rn + a.num_new_tokens}
+        for r, c, a, rh, rn in zip(rats, contexts, a_out, r_hit, r_n, strict=True)
+    ]
