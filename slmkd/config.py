@@ -83,6 +83,13 @@ class TrainConfig:
     min_supervised_tokens: int = 8
     debug_nan: bool = False
     local_checkpoint_dir: str | None = None
+    #: wall-time checkpoint interval (minutes); 0 = every ``save_steps`` steps only
+    save_every_minutes: float = 30.0
+    #: dtype of the saved ``final/`` model: "bf16" (half the Drive space) or "fp32"
+    final_dtype: str = "bf16"
+    #: a non-finite value in either model's supervised logits: "skip" the step (counted, logged)
+    #: or "sanitize" it (NaN -> -M, clamp) and train on
+    nonfinite: str = "skip"
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`transformers.TrainingArguments` (names mapped).
@@ -122,6 +129,10 @@ class KDConfig:
     alpha_schedule: list[float] = field(default_factory=lambda: [0.5, 0.4, 0.3])
     max_logit_abs: float = 50.0
     chunk_size: int | None = None  # None: the loss picks rows per chunk from the vocab size
+    #: where the teacher's logits come from: "live" (teacher on the GPU) or "cached"
+    #: (``slmkd cache-teacher``: top-k logits + log-normalisers per supervised token)
+    teacher_source: str = "live"
+    cache_top_k: int = 64
 
 
 @dataclass
@@ -130,6 +141,14 @@ class CasCoDConfig:
 
     alpha_cascod: float = 0.1
     answer_cue: str = "The answer is"
+    #: cascod-2stage, stage 2: a LoRA adapter on the frozen stage-1 model (q, r -> a)
+    stage2_learning_rate: float = 2e-4
+    stage2_epochs: int = 1
+    stage2_max_steps: int = -1
+    stage2_lora_r: int = 16
+    stage2_lora_alpha: int = 32
+    #: fraction of stage-2 examples whose rationale is the stage-1 student's own greedy one
+    stage2_student_rationale_fraction: float = 0.5
 
 
 @dataclass
@@ -273,12 +292,18 @@ class ExperimentConfig:
 # -- profiles --------------------------------------------------------------------------------
 # Each profile is a dict of dotted-path overrides applied on top of the dataclass defaults.
 PROFILES: dict[str, dict[str, Any]] = {
-    "a100-80g": {},
-    # 40 GB: same effective batch 16; the 7B teacher in 4-bit NF4 and 8-bit AdamW states so the
-    # student fits beside it (see `slmkd preflight --profile a100-40g` for the VRAM plan).
-    "a100-40g": {"train.batch_size": 2, "train.grad_accum_steps": 8, "evaluation.batch_size": 32,
-                 "generation.batch_size": 32, "models.teacher_load_in_4bit": True,
-                 "train.optim": "adamw_bnb_8bit"},
+    # 80 GB: 8-bit AdamW states keep one 3B checkpoint at 20 GB (37 GB with fp32 states), so the
+    # study's Drive peak stays under 100 GB (`slmkd plan`: 94.7 GB; 111 GB with fp32 states).
+    "a100-80g": {"train.optim": "adamw_bnb_8bit", "generation.batch_size": 256,
+                 "evaluation.batch_size": 128},
+    # 40 GB: LoRA (r 16) on every student, so every method x student fits <= 38 GiB with the
+    # bf16 teacher live (`slmkd plan --profile a100-40g`): the teacher that writes the CoT, the
+    # KD teacher and the evaluated teacher are one model in one precision. LoRA's lr is higher.
+    "a100-40g": {"train.use_lora": True, "train.lora_r": 16, "train.lora_alpha": 32,
+                 "train.learning_rate": 2e-4, "train.optim": "adamw_torch_fused",
+                 "train.batch_size": 4, "train.grad_accum_steps": 4,
+                 "models.teacher_load_in_4bit": False, "generation.batch_size": 128,
+                 "evaluation.batch_size": 48},
     "tiny": {
         # Calibrated on a 2-core CPU: docs/TINY_CALIBRATION.md (student-s, h64 x 2 layers, reached
         # 94% with plain CE after 1,000 steps of batch 32 at lr 5e-3; 500-600 steps stay < 15%).
@@ -293,6 +318,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.batch_size": 32,
         "train.grad_accum_steps": 1,
         "train.dataloader_num_workers": 0,
+        "train.save_every_minutes": 0.0,  # step-based checkpoints: deterministic tests
+        "train.final_dtype": "fp32",  # CPU: no bf16 speed to gain, and exact comparisons
+        "cascod.stage2_learning_rate": 5e-3,
         "train.log_every": 50,
         "train.save_steps": 500,
         "train.max_seq_length": 128,
@@ -448,6 +476,21 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("students must not be empty.")
     if cfg.parallel_runs < 1:
         raise ConfigError(f"parallel_runs={cfg.parallel_runs} must be >= 1.")
+    if tr.save_every_minutes < 0:
+        raise ConfigError(f"train.save_every_minutes={tr.save_every_minutes} must be >= 0.")
+    if tr.final_dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"train.final_dtype={tr.final_dtype!r}; choose 'bf16' or 'fp32'.")
+    if tr.nonfinite not in ("skip", "sanitize"):
+        raise ConfigError(f"train.nonfinite={tr.nonfinite!r}; choose 'skip' or 'sanitize'.")
+    if kd.teacher_source not in ("live", "cached"):
+        raise ConfigError(f"kd.teacher_source={kd.teacher_source!r}; choose 'live' or 'cached'.")
+    if kd.cache_top_k < 1:
+        raise ConfigError(f"kd.cache_top_k={kd.cache_top_k} must be >= 1.")
+    if not 0.0 <= cfg.cascod.stage2_student_rationale_fraction <= 1.0:
+        raise ConfigError("cascod.stage2_student_rationale_fraction="
+                          f"{cfg.cascod.stage2_student_rationale_fraction} must lie in [0, 1].")
+    if cfg.cascod.stage2_epochs < 1 or cfg.cascod.stage2_learning_rate <= 0:
+        raise ConfigError("cascod.stage2_epochs must be >= 1 and cascod.stage2_learning_rate > 0.")
 
 
 def load_config(

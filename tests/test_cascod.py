@@ -297,7 +297,7 @@ def test_error_propagation_counts(tok, monkeypatch):
     the answer off whatever rationale it is given (the last number before the cue)."""
     import re
 
-    import slmkd.generation as gen
+    import slmkd.generation.cascade as gen
     from slmkd.evaluation import error_propagation
     from slmkd.generation import GenerationOutput
 

@@ -19,7 +19,7 @@ def test_config_command_prints_resolved_json(capsys, monkeypatch):
     monkeypatch.setenv("SLM_KD_LOG_EVERY", "7")
     assert main(["config", "--profile", "a100-40g"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["profile"] == "a100-40g" and cfg["train"]["batch_size"] == 2
+    assert cfg["profile"] == "a100-40g" and cfg["train"]["batch_size"] == 4
     assert cfg["train"]["log_every"] == 7
 
 

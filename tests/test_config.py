@@ -42,7 +42,8 @@ def test_training_arguments_mapping_is_accepted_by_transformers(tmp_path):
 
 def test_profile_40g_keeps_the_effective_batch():
     a, b = load_config("a100-80g", environ={}), load_config("a100-40g", environ={})
-    assert (b.train.batch_size, b.train.grad_accum_steps) == (2, 8)
+    assert (b.train.batch_size, b.train.grad_accum_steps) == (4, 4)
+    assert b.train.use_lora and not a.train.use_lora
     assert a.train.batch_size * a.train.grad_accum_steps == b.train.batch_size * b.train.grad_accum_steps
 
 

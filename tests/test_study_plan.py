@@ -33,6 +33,14 @@ RECOMMENDED_40G = {
     "generation.batch_size": 128, "evaluation.batch_size": 48,
 }
 ALL_METHODS = ["sft", "kd", "cascod", "cascod-2stage", "cascod-kd"]
+#: the profiles before the storage/VRAM issue: full fine-tuning with fp32 AdamW states on 80 GB;
+#: 4-bit teacher + 8-bit AdamW + micro-batch 2 on 40 GB
+OLD_80G = {"train.optim": "adamw_torch_fused", "generation.batch_size": 64,
+           "evaluation.batch_size": 64}
+OLD_40G = {"train.use_lora": False, "train.learning_rate": 3e-5, "train.optim": "adamw_bnb_8bit",
+           "train.batch_size": 2, "train.grad_accum_steps": 8,
+           "models.teacher_load_in_4bit": True, "generation.batch_size": 32,
+           "evaluation.batch_size": 32}
 
 
 def _cfg(profile: str, overrides: dict | None = None):
@@ -127,7 +135,9 @@ def test_a100_40g_recommended_design_fits(methods):
 
 
 def test_a100_40g_as_configured_does_not_fit_the_3b_student():
-    b = plan_study_budget(_cfg("a100-40g"))
+    """The old 40 GB profile (full fine-tuning of 3B) does not fit; the new one (LoRA) does."""
+    assert plan_study_budget(_cfg("a100-40g")).exit_code == 0
+    b = plan_study_budget(_cfg("a100-40g", OLD_40G))
     assert b.exit_code & EXIT_GPU
     bad = {(r.method, r.student) for r in b.runs if not r.fits}
     assert ("sft", "Qwen2.5-3B-Instruct") in bad and ("kd", "Qwen2.5-3B-Instruct") in bad
@@ -156,19 +166,20 @@ def test_what_does_not_fit_names_the_resource_and_the_shortfall():
 def test_a100_80g_defaults_drive_peak_over_100_gb_and_the_8bit_knob():
     """Full AdamW checkpoints (37 GB for 3B) on top of the finals pass 100 GB; 8-bit AdamW
     checkpoints (20 GB) bring the peak under it; fp32 finals would not fit at all."""
-    default = plan_study_budget(_cfg("a100-80g"))
+    default = plan_study_budget(_cfg("a100-80g", OLD_80G))
     assert default.drive_peak_gb > 100 and default.exit_code == EXIT_DRIVE
+    assert plan_study_budget(_cfg("a100-80g")).drive_peak_gb <= 100  # the profile as shipped
     eight = plan_study_budget(_cfg("a100-80g", {"train.optim": "adamw_bnb_8bit"}))
     assert eight.drive_peak_gb <= 100
-    fp32 = plan_study_budget(_cfg("a100-80g", {"train.final_dtype": "fp32"}))
+    fp32 = plan_study_budget(_cfg("a100-80g", {**OLD_80G, "train.final_dtype": "fp32"}))
     assert fp32.drive_final_gb > 1.9 * default.drive_final_gb - 1
 
 
 def test_drive_peak_arithmetic_by_hand():
     """One 1.5B student, sft, two seeds, a checkpoint every minute (so each run rotates: two
     checkpoints at once), fp32 AdamW."""
-    cfg = _cfg("a100-80g", {"students": ["student_small"], "methods": ["sft"], "seeds": [1, 2],
-                            "train.save_every_minutes": 1.0})
+    cfg = _cfg("a100-80g", {**OLD_80G, "students": ["student_small"], "methods": ["sft"],
+                            "seeds": [1, 2], "train.save_every_minutes": 1.0})
     b = plan_study_budget(cfg, escalation=False)
     n = PRESETS["qwen2.5-1.5b"].num_params  # 1,543,714,304
     ckpt = n * (4 + 8) / GB + 0.02  # fp32 master weights + AdamW states + small files
@@ -213,7 +224,7 @@ def test_cached_teacher_lowers_vram_and_removes_teacher_forwards():
 
 
 def test_14b_teacher_escalation_is_planned():
-    b = plan_study_budget(_cfg("a100-80g"))
+    b = plan_study_budget(_cfg("a100-80g", OLD_80G))
     esc = {e["precision"]: e for e in b.escalation}
     assert set(esc) == {"bf16", "4-bit NF4"}
     assert all(e["teacher"] == "Qwen2.5-14B-Instruct" for e in esc.values())
@@ -221,12 +232,14 @@ def test_14b_teacher_escalation_is_planned():
     assert esc["bf16"]["teacher_vram_gib"]["cot"] > 2 * 14.7e9 / 2**30  # bf16 weights alone
     # as the configured teacher (cfg override), with the cached teacher the KD runs fit 80 GB
     cfg = _cfg("a100-80g", {"models.teacher_medium": "Qwen/Qwen2.5-14B-Instruct",
-                            "kd.teacher_source": "cached", "evaluation.batch_size": 16})
+                            "kd.teacher_source": "cached", "evaluation.batch_size": 16,
+                            "generation.batch_size": 64})
     big = plan_study_budget(cfg)
     assert big.teacher == "Qwen2.5-14B-Instruct" and not big.escalation
     assert all(r.fits for r in big.runs)
     assert big.teacher_vram_gib["cot"] < 77.8 and big.teacher_vram_gib["evaluate"] < 77.8
-    live = plan_study_budget(_cfg("a100-80g", {"models.teacher_medium": "Qwen2.5-14B-Instruct"}))
+    live = plan_study_budget(_cfg("a100-80g", {**OLD_80G,
+                                             "models.teacher_medium": "Qwen2.5-14B-Instruct"}))
     assert not next(r for r in live.runs if r.method == "kd" and "3B" in r.student).fits
     assert big.stage_hours["cot"] > b.stage_hours["cot"]
 

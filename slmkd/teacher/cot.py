@@ -88,16 +88,11 @@ class CoTResult:
 # ---------------------------------------------------------------------------------------------
 def _training_records(cfg: Any, dataset: str, limit: int | None):
     """Training records of ``dataset`` (in loader order, first ``limit``), BBH prompts, skipped."""
-    from slmkd.data import bbh_train_eval_split, load_bbh, load_bbh_cot_prompts, load_gsm8k
+    from slmkd.data import bbh_train_eval_split, gsm8k_path, load_bbh, load_bbh_cot_prompts, load_gsm8k
 
     bbh_prompts: dict[str, str] | None = None
     if dataset == "gsm8k":
-        path = cfg.data.gsm8k_train
-        if path is None and cfg.is_tiny:
-            from slmkd.tiny import ensure_tiny_world
-
-            path = str(ensure_tiny_world(cfg).train_path)
-        loaded = load_gsm8k("train", path)
+        loaded = load_gsm8k("train", gsm8k_path(cfg, "train"))
         records, skipped = list(loaded.records), list(loaded.skipped)
     elif dataset == "bbh":
         if cfg.data.bbh_train_per_task <= 0:
@@ -325,7 +320,7 @@ def generate_cot(
     teacher_slug = model_slug(teacher)
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(teacher, cfg)  # builds the tiny world when needed
+        tokenizer = load_tokenizer(teacher, cfg)  # tiny names: the registered world (built once)
     records, bbh_prompts, load_skipped = _training_records(cfg, dataset, limit)
     if load_skipped:
         print(f"{len(load_skipped)} training item(s) could not be used: {load_skipped[:3]}")
