@@ -20,6 +20,7 @@ _COMMANDS: dict[str, str] = {
     "plan": "the study's budget before anything runs: hours, VRAM per run, disk and Drive",
     "tiny": "build (or show) the cached tiny offline world",
     "generate-cot": "generate, filter and store teacher chain-of-thought (notebook 01)",
+    "cache-teacher": "cache the teacher's top-k logits over the CoT once (KD without the teacher)",
     "train": "train one student: sft, kd, cascod, cascod-2stage, cascod-kd (02/03)",
     "evaluate": "evaluate a run or a model on GSM8K/BBH (notebook 04)",
     "report": "tables, seed x item statistics and plots across seeds (notebook 05)",
@@ -166,6 +167,30 @@ def add_generate_cot_command(subparsers: Any) -> None:
     p.set_defaults(func=_generate_cot_command)
 
 
+def _cache_teacher_command(args: argparse.Namespace) -> int:
+    from slmkd.teacher.cache import cache_teacher
+
+    cfg = config_from_args(args, **{"kd.cache_top_k": args.top_k})
+    res = cache_teacher(cfg, dataset=args.dataset, teacher=args.teacher, force=args.force,
+                        max_batches=args.max_batches, batch_size=args.batch_size)
+    print(json.dumps({"cache_dir": str(res.cache_dir), **res.stats}, indent=2))
+    return 0
+
+
+def add_cache_teacher_command(subparsers: Any) -> None:
+    """``slmkd cache-teacher [--profile P] [--top-k K] [--force] …`` (resumable)."""
+    p = subparsers.add_parser("cache-teacher", help=_COMMANDS["cache-teacher"])
+    add_profile_args(p)
+    p.add_argument("--dataset", choices=["gsm8k", "bbh"], default=None)
+    p.add_argument("--teacher", default=None, help="teacher model name or path")
+    p.add_argument("--top-k", type=int, default=None, help="default: kd.cache_top_k")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop after N batches (rerun to continue)")
+    p.add_argument("--force", action="store_true", help="replace a cache made with other settings")
+    p.set_defaults(func=_cache_teacher_command)
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from slmkd.training import train
 
@@ -184,7 +209,7 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     """``slmkd train --method M --student S --seed N [...]``."""
     p = subparsers.add_parser("train", help="train a student (sft, kd, cascod, ...); resumes")
     p.add_argument("--method", required=True,
-                   choices=["sft", "kd", "cascod", "cascod-2stage", "cascod-kd"])
+                   choices=["sft", "kd", "kd-cached", "cascod", "cascod-2stage", "cascod-kd"])
     p.add_argument("--student", default=None,
                    help="student_primary / student_small or a model name (default: the "
                         "profile's first student, as `slmkd run` does)")
@@ -316,6 +341,7 @@ def add_run_command(subparsers) -> None:
 _ADDERS = {
     "config": add_config_command, "preflight": add_preflight_command, "plan": add_plan_command,
     "tiny": add_tiny_command, "generate-cot": add_generate_cot_command,
+    "cache-teacher": add_cache_teacher_command,
     "train": add_train_command, "evaluate": add_evaluate_command, "report": add_report_command,
     "run": add_run_command,
 }

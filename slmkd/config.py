@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 PROFILE_ENV = "SLMKD_PROFILE"
 DEFAULT_PROFILE = "a100-80g"
-METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd")
+METHODS = ("sft", "kd", "kd-cached", "cascod", "cascod-2stage", "cascod-kd")
 
 
 class ConfigError(ValueError):

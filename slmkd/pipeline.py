@@ -8,6 +8,7 @@ complete, so rerunning the same command after any interruption continues where i
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     cdir = cot_dir(cfg, dataset, cfg.teacher)
     stages.append(Stage("cot", f"teacher CoT: {model_slug(cfg.teacher)} on {dataset} train",
                         is_cot_complete(cfg, cdir), _est(cfg, "cot")))
+    if "kd-cached" in methods or (cfg.kd.teacher_source == "cached" and "kd" in methods):
+        from slmkd.teacher.cache import STATS_FILE, cache_dir
+
+        stats = cache_dir(cfg, dataset, cfg.teacher) / STATS_FILE
+        done = stats.is_file() and bool(json.loads(stats.read_text()).get("complete"))
+        stages.append(Stage("cache", f"teacher top-{cfg.kd.cache_top_k} cache over the CoT", done,
+                            _est(cfg, "cot") / 4))
     for student in student_names:
         for method in methods:
             for seed in seeds:
@@ -145,6 +153,12 @@ def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
         from slmkd.teacher import generate_cot
 
         generate_cot(cfg)
+    elif stage.kind == "cache":
+        from slmkd.teacher.cache import cache_teacher
+
+        res = cache_teacher(cfg)
+        print(f"teacher cache: {res.stats['bytes_per_token']:.0f} bytes/token, coverage "
+              f"{res.stats['coverage']}")
     elif stage.kind == "train":
         from slmkd.training import train
 

@@ -6,7 +6,7 @@ from slmkd.cli import _COMMANDS, build_parser, main
 
 
 def test_every_stage_ships_a_working_subcommand():
-    assert set(_COMMANDS) == {"config", "preflight", "plan", "tiny", "generate-cot", "train",
+    assert set(_COMMANDS) == {"config", "preflight", "plan", "tiny", "generate-cot", "cache-teacher", "train",
                               "evaluate", "report", "run"}
     parser = build_parser()  # every subcommand's real arguments
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -1,34 +1,49 @@
-"""slmkd.report on synthetic predictions."""
+"""slmkd.report on synthetic eval/ folders (seed × item statistics, refusal on item mismatch)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from slmkd.evaluation import summarize_predictions
-from slmkd.report import add_report_command, build_report, write_report
+from slmkd import stats
+from slmkd.cli import add_report_command
+from slmkd.report import build_report, item_ids_hash, write_report
 
 STUDENT = "tiny-qwen2-student-s"
 TASKS = ["navigate", "snarks"]
 
 
-def _write_eval(root: Path, slug: str, dataset: str, correct: list[bool], **meta) -> None:
+def _write_eval(root: Path, slug: str, dataset: str, correct: list[bool], *, legacy: bool = False,
+                ids: list[str] | None = None, record_hash: bool = True, hash_override: str | None = None,
+                **meta) -> None:
+    """An eval folder as the evaluator writes it: predictions.jsonl (strict / flexible / lenient
+    per row, or only ``correct`` when ``legacy``), summary.json and eval_meta.json."""
     d = root / "eval" / slug / dataset
     d.mkdir(parents=True)
+    ids = ids or [f"{dataset}-{i:03d}" for i in range(len(correct))]
     rows = []
-    for i, c in enumerate(correct):
-        task = TASKS[i % 2] if dataset == "bbh" else None
-        rows.append({"id": f"{dataset}-{i:03d}", "dataset": dataset, "task": task,
-                     "question": f"q{i}", "raw_output": "x", "extracted": "1", "target": "1",
-                     "correct": c, "strict_correct": c, "flexible_correct": c})
+    for i, (rid, c) in enumerate(zip(ids, correct)):
+        row = {"id": rid, "dataset": dataset, "task": TASKS[i % 2] if dataset == "bbh" else None,
+               "question": f"q{i}", "raw_output": "x", "extracted": "1", "target": "1",
+               "correct": c}
+        if not legacy:  # strict misses every item i % 10 == 0 (e.g. no final-answer period)
+            row.update(strict=c and i % 10 != 0, flexible=c, lenient=c)
+        rows.append(row)
     (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    s = summarize_predictions(rows, dataset, n_resamples=200)
-    s.update({"model": slug, **meta})
-    (d / "summary.json").write_text(json.dumps(s))
+    h = hash_override or hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+    summary = {"model": slug, "dataset": dataset, "n": len(rows),
+               "accuracy": sum(correct) / len(correct), **meta}
+    if record_hash:
+        summary["item_ids_hash"] = h
+        (d / "eval_meta.json").write_text(json.dumps({"item_ids_hash": h, "dataset": dataset}))
+    (d / "summary.json").write_text(json.dumps(summary))
 
 
 def _write_run(root: Path, method: str, seed: int, skipped: float) -> None:
@@ -41,73 +56,187 @@ def _write_run(root: Path, method: str, seed: int, skipped: float) -> None:
         "wall_time_s": 12.0}))
 
 
-@pytest.fixture
-def drive(tmp_path):
-    root = tmp_path / "drive"
-    n = 60
+N = 60
+
+
+def _sft(seed: int) -> list[bool]:
+    return [i % 2 == 0 for i in range(N)]
+
+
+def _kd(seed: int) -> list[bool]:  # sft + 18 / 19 / 20 extra items right
+    return [c or (i % 2 == 1 and i < 36 + 2 * seed) for i, c in enumerate(_sft(seed))]
+
+
+def _cascod(seed: int) -> list[bool]:  # sft with one item flipped each way
+    c = _sft(seed)
+    c[0], c[1] = False, True
+    return c
+
+
+BASE = [i % 4 == 0 for i in range(N)]
+
+
+def _drive(root: Path, *, legacy: bool = False, record_hash: bool = True) -> Path:
     for seed in (0, 1, 2):
-        # sft: 50% right; kd: sft + 18 extra items right (clearly better);
-        # cascod: sft with one item flipped each way (no difference)
-        sft = [i % 2 == 0 for i in range(n)]
-        kd = [c or (i % 2 == 1 and i < 36 + 2 * seed) for i, c in enumerate(sft)]
-        cas = list(sft)
-        cas[0], cas[1] = False, True
-        for m, c in (("sft", sft), ("kd", kd), ("cascod", cas)):
+        for m, fn in (("sft", _sft), ("kd", _kd), ("cascod", _cascod)):
             slug = f"{m}__{STUDENT}__seed{seed}"
             meta = {"kind": "run", "method": m, "student": STUDENT, "seed": seed}
-            _write_eval(root, slug, "gsm8k", c, **meta)
-            _write_eval(root, slug, "bbh", c[:20], **meta)
+            c = fn(seed)
+            _write_eval(root, slug, "gsm8k", c, legacy=legacy, record_hash=record_hash, **meta)
+            _write_eval(root, slug, "bbh", c[:20], legacy=legacy, record_hash=record_hash, **meta)
             _write_run(root, m, seed, 0.01 * seed)
-    base = [i % 4 == 0 for i in range(n)]
-    _write_eval(root, STUDENT, "gsm8k", base, kind="base", method=None, student=STUDENT,
-                seed=None)
-    _write_eval(root, STUDENT, "bbh", base[:20], kind="base", method=None, student=STUDENT,
-                seed=None)
-    _write_eval(root, "tiny-qwen2-teacher", "gsm8k", [True] * 50 + [False] * 10,
-                kind="teacher", method=None, student=None, seed=None)
+    for ds, c in (("gsm8k", BASE), ("bbh", BASE[:20])):
+        _write_eval(root, STUDENT, ds, c, legacy=legacy, record_hash=record_hash, kind="base",
+                    method=None, student=STUDENT, seed=None)
+    _write_eval(root, "tiny-qwen2-teacher", "gsm8k", [True] * 50 + [False] * 10, legacy=legacy,
+                record_hash=record_hash, kind="teacher", method=None, student=None, seed=None)
     return root
 
 
-def test_report_files_and_plain_verdicts(drive):
+@pytest.fixture
+def drive(tmp_path):
+    return _drive(tmp_path / "drive")
+
+
+def _comparisons(root: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((root / "report" / "comparisons.csv").open()))
+
+
+def test_report_verdicts_tables_and_figures(drive):
     res = build_report(None, drive)
     out = drive / "report"
     assert res.path == out / "report.md"
     text = res.path.read_text()
-    # kd: 18 + seed extra items over 60 for each seed -> (18+19+20) / 180 = +31.7 pts,
-    # n10 = 57, n01 = 0 over 180 pooled pairs -> McNemar p = 2 * 0.5**57
+    # kd − sft per seed: 18/60, 19/60, 20/60 -> +31.7 pts; seed sd 1.67 pts -> significant
     assert "**Does kd beat CoT-SFT on tiny-qwen2-student-s (gsm8k)? Yes.**" in text
-    assert "kd vs sft on tiny-qwen2-student-s (gsm8k): +31.7 pts" in text
-    assert "over 3 seeds (180 paired items) — significantly better" in text
-    # cascod differs from sft on two items per seed, one each way: Δ = 0, p = 1
+    assert "kd − sft (strict): +31.7 pts" in text
+    assert "k = 3 seeds, n = 60 items — significantly better" in text
+    # cascod − sft: two items flipped in opposite directions; under strict item 0 was already
+    # wrong, so +1 item (+1.7 pts) on every seed, from one item: not significant
     assert "**Does cascod beat CoT-SFT on tiny-qwen2-student-s (gsm8k)? No.**" in text
-    assert "cascod vs sft on tiny-qwen2-student-s (gsm8k): +0.0 pts" in text
-    assert "McNemar p=1 over 3 seeds" in text
-    assert "Teacher (tiny-qwen2-teacher) on gsm8k: 83.3%" in text
-    assert "## BBH per task" in text and "| navigate |" in text
+    assert "cascod − sft (strict): +1.7 pts" in text
+    assert "n/a (same Δ on every seed)" in text
+    # family: per dataset kd−sft, kd−base, cascod−sft, cascod−base, sft−base; Holm over all 10
+    assert "Holm-adjusted over the 10 comparisons" in text
+    comps = _comparisons(drive)
+    assert len(comps) == 10
+    assert {c["metric"] for c in comps} == {"strict"}
+    kd_sft = next(c for c in comps if c["dataset"] == "gsm8k" and c["method"] == "kd"
+                  and c["baseline"] == "sft")
+    assert float(kd_sft["diff"]) == pytest.approx(19 / 60)
+    assert kd_sft["verdict"] == "significantly better" and kd_sft["k"] == "3"
+    assert [float(x) for x in kd_sft["per_seed_diff"].split()] == pytest.approx([0.3, 19 / 60, 1 / 3])
+    p = [float(c["p"]) for c in comps]
+    assert [float(c["p_holm"]) for c in comps] == pytest.approx(list(stats.holm(p)))
+    cas_sft = next(c for c in comps if c["dataset"] == "gsm8k" and c["method"] == "cascod"
+                   and c["baseline"] == "sft")
+    assert cas_sft["verdict"] == "no significant difference" and float(cas_sft["p"]) > 0.3
+    # the base student (evaluated once) is one vector over n = 60 items, not 3 × 60 pairs
+    kd_base = next(c for c in comps if c["dataset"] == "gsm8k" and c["method"] == "kd"
+                   and c["baseline"] == "base")
+    assert kd_base["n_items"] == "60" and kd_base["baseline_evaluated_once"] == "True"
+    # strict misses items i % 10 == 0: base right on i % 4 == 0 (15), strict 15 − 3 = 12 of 60
+    assert float(kd_base["acc_baseline"]) == pytest.approx(12 / 60)
+    # accuracy tables: strict is the headline, flexible and lenient beside it, with k, n and CIs
+    assert "strict (%) ← headline" in text and "lenient (%)" in text
+    assert "| tiny-qwen2-student-s | sft | 3 | 60 | 40.0 ± 0.0 [" in text  # strict 24/60
+    assert "[40.0, 40.0]" not in text  # a constant accuracy still gets an honest interval
+    accs = list(csv.DictReader((out / "accuracy.csv").open()))
+    sft_len = next(a for a in accs if a["dataset"] == "gsm8k" and a["model"] == "sft"
+                   and a["metric"] == "lenient")
+    assert float(sft_len["mean"]) == pytest.approx(0.5) and sft_len["k"] == "3"
+    assert float(sft_len["ci_low"]) < 0.5 < float(sft_len["ci_high"])
+    base_acc = next(a for a in accs if a["dataset"] == "gsm8k" and a["model"] == "base"
+                    and a["metric"] == "lenient")
+    assert base_acc["interval"] == "Wilson over items" and base_acc["k"] == "1"
+    # methods paragraph, MDD line, BBH macro + micro + per-task, supplementary McNemar
+    assert "comparable with published lm-eval numbers" in text
+    assert "gsm8k_cot_zeroshot" in text
+    assert "cannot be told apart at 80% power" in text and "With k = 3 seeds and n = 60 items" in text
+    assert "strict macro (%) ← headline" in text and "strict micro (%)" in text
+    assert "## BBH per task" in text and "| navigate | 10 |" in text
+    assert "## Supplementary: per-seed exact McNemar (conditional on these checkpoints)" in text
+    assert "**no verdict**" in text
+    mcn = list(csv.DictReader((out / "mcnemar_per_seed.csv").open()))
+    kd1 = next(r for r in mcn if r["dataset"] == "gsm8k" and r["method"] == "kd"
+               and r["baseline"] == "sft" and r["seed"] == "1")
+    assert (kd1["n10"], kd1["n01"]) == ("19", "0")
     assert "## Training health" in text and "kd/tiny-qwen2-student-s/seed2" in text
-    for png in ("accuracy_gsm8k.png", "accuracy_bbh.png", "bbh_per_task.png",
+    for png in ("accuracy_gsm8k.png", "accuracy_bbh.png", "forest.png", "bbh_per_task.png",
                 "training_health.png"):
         assert (out / png).stat().st_size > 1000, png
-    assert {p.name for p in res.figures} >= {"accuracy_gsm8k.png", "bbh_per_task.png"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 2 * 9 + 2 + 1
-    sft0 = next(r for r in rows if r["model"] == f"sft__{STUDENT}__seed0"
-                and r["dataset"] == "gsm8k")
-    assert float(sft0["accuracy"]) == pytest.approx(0.5)
-    comps = list(csv.DictReader((out / "comparisons.csv").open()))
-    pooled = [c for c in comps if c["seed"] == "pooled"]
-    # per dataset: kd vs sft, kd vs base, cascod vs sft, cascod vs base, sft vs base
-    assert len(pooled) == 2 * 5
-    kd_base = next(c for c in pooled if c["dataset"] == "gsm8k" and c["method"] == "kd"
-                   and c["baseline"] == "base")
-    # base is right on i % 4 == 0 (15/60), a subset of kd's right answers
-    assert float(kd_base["acc_baseline"]) == pytest.approx(0.25)
-    assert int(kd_base["n01"]) == 0
-    per_seed = [c for c in comps if c["seed"] == "1" and c["method"] == "kd"
-                and c["baseline"] == "sft" and c["dataset"] == "gsm8k"]
-    assert len(per_seed) == 1 and float(per_seed[0]["diff"]) == pytest.approx(19 / 60)
+    sft0 = next(r for r in rows if r["model"] == f"sft__{STUDENT}__seed0" and r["dataset"] == "gsm8k")
+    assert float(sft0["accuracy_lenient"]) == pytest.approx(0.5)
+    assert float(sft0["accuracy_strict"]) == pytest.approx(0.4)
+    assert sft0["item_ids_hash_computed"] == sft0["item_ids_hash_recorded"]
     assert "kd" in res.headline and "+31.7" in res.headline
     assert write_report(None, drive) == res.path  # rerun overwrites in place
+
+
+def test_report_legacy_rows_fall_back_to_lenient(tmp_path):
+    root = _drive(tmp_path / "d", legacy=True, record_hash=False)
+    text = build_report(None, root).path.read_text()
+    assert "lenient (%) ← headline" in text
+    assert "kd − sft (lenient): +31.7 pts" in text
+    assert {c["metric"] for c in _comparisons(root)} == {"lenient"}
+    assert "| tiny-qwen2-student-s | sft | 3 | 60 | n/a | n/a | 50.0 ± 0.0 [" in text
+
+
+def test_report_refuses_different_item_sets(tmp_path):
+    root = _drive(tmp_path / "d")
+    # a fourth sft seed evaluated on other items (ids shifted by one): same n, other set
+    ids = [f"gsm8k-{i:03d}" for i in range(1, N + 1)]
+    _write_eval(root, f"sft__{STUDENT}__seed3", "gsm8k", _sft(3), ids=ids, kind="run",
+                method="sft", student=STUDENT, seed=3)
+    with pytest.raises(ValueError, match="different item sets") as exc:
+        build_report(None, root)
+    msg = str(exc.value)
+    assert f"eval/sft__{STUDENT}__seed0/gsm8k" in msg and f"eval/sft__{STUDENT}__seed3/gsm8k" in msg
+
+
+def test_report_refuses_on_recorded_hash_and_without_hash(tmp_path):
+    # same ids in the predictions but the recorded hashes differ (e.g. another subset setting)
+    root = _drive(tmp_path / "a")
+    d = root / "eval" / STUDENT / "gsm8k"
+    s = json.loads((d / "summary.json").read_text())
+    s["item_ids_hash"] = "0" * 64
+    (d / "summary.json").write_text(json.dumps(s))
+    with pytest.raises(ValueError, match=f"eval/{STUDENT}/gsm8k"):
+        build_report(None, root)
+    # no hash recorded anywhere: computed from the predictions' ids
+    root = _drive(tmp_path / "b", record_hash=False)
+    (root / "eval" / STUDENT / "bbh").joinpath("predictions.jsonl").write_text("".join(
+        json.dumps({"id": f"other-{i}", "task": TASKS[i % 2], "correct": True, "strict": True,
+                    "flexible": True, "lenient": True}) + "\n" for i in range(20)))
+    with pytest.raises(ValueError, match="different item sets"):
+        build_report(None, root)
+    assert item_ids_hash(["b", "a"]) == hashlib.sha256(b"a\nb").hexdigest()
+
+
+def test_report_single_seed_gets_no_verdict(tmp_path):
+    root = tmp_path / "d"
+    for m, fn in (("sft", _sft), ("kd", _kd)):
+        _write_eval(root, f"{m}__{STUDENT}__seed0", "gsm8k", fn(0), kind="run", method=m,
+                    student=STUDENT, seed=0)
+    text = build_report(None, root).path.read_text()
+    assert "Does kd beat CoT-SFT on tiny-qwen2-student-s (gsm8k)? Not established.**" in text
+    c = _comparisons(root)[0]
+    assert c["verdict"].startswith("no verdict") and math.isnan(float(c["p_holm"]))
+
+
+def test_report_comparison_matches_estimator(drive):
+    """The report's kd − base numbers are the estimator on (3 × 60 kd matrix) − (base vector)."""
+    build_report(None, drive)
+    kd = np.array([[float(c and i % 10 != 0) for i, c in enumerate(_kd(s))] for s in (0, 1, 2)])
+    base = np.array([float(c and i % 10 != 0) for i, c in enumerate(BASE)])
+    ref = stats.seed_item_difference(kd, base)
+    row = next(c for c in _comparisons(drive) if c["dataset"] == "gsm8k" and c["method"] == "kd"
+               and c["baseline"] == "base")
+    assert float(row["diff"]) == pytest.approx(ref.diff)
+    assert float(row["ci_low"]) == pytest.approx(ref.ci_low)
+    assert float(row["p"]) == pytest.approx(ref.pvalue)
 
 
 def test_report_empty_drive(tmp_path):

@@ -34,13 +34,17 @@ A training method is a :class:`~slmkd.training.method_spec.MethodSpec`::
   resumable run whose student starts from the previous stage's ``final/``) and the parent summary
   points to the last stage's model.
 
-The built-in methods (``sft``, ``kd`` from :mod:`slmkd.training.sft_kd`; ``cascod``, ``cascod-kd``,
+The built-in methods (``sft``, ``kd`` from :mod:`slmkd.training.sft_kd`; ``kd-cached`` from
+:mod:`slmkd.training.cached_kd`; ``cascod``, ``cascod-kd``,
 ``cascod-2stage`` from :mod:`slmkd.training.cascod`) are registered when this module is imported.
 The trainer core (:mod:`slmkd.training.trainer`) receives a spec and never imports a method.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from slmkd.training.cached_kd import cached_kd_spec
 from slmkd.training.cascod import cascod_specs
 from slmkd.training.method_spec import MethodSpec
 from slmkd.training.sft_kd import sft_kd_specs
@@ -58,10 +62,19 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def get_method(name: str) -> MethodSpec:
-    """The registered method ``name``."""
+def get_method(name: str, cfg: Any = None) -> MethodSpec:
+    """The registered method ``name``; with ``cfg.kd.teacher_source == "cached"``, ``kd`` reads
+    the teacher from the cache (the ``kd-cached`` method under the name ``kd``)."""
     if name not in _METHODS:
         raise ValueError(f"Unknown training method {name!r}; registered: {sorted(_METHODS)}.")
+    source = getattr(getattr(cfg, "kd", None), "teacher_source", "live")
+    if source == "cached" and name == "kd":
+        return cached_kd_spec("kd")
+    if source == "cached" and name == "cascod-kd":
+        from slmkd.config import ConfigError
+
+        raise ConfigError("kd.teacher_source='cached' is implemented for `kd` only; cascod-kd "
+                          "still needs the live teacher (set kd.teacher_source='live').")
     return _METHODS[name]
 
 
@@ -69,5 +82,5 @@ def registered_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-for _spec in (*sft_kd_specs(), *cascod_specs()):
+for _spec in (*sft_kd_specs(), cached_kd_spec(), *cascod_specs()):
     register_method(_spec)
