@@ -109,6 +109,19 @@ for method in ("sft", "kd", "cascod"):
         print(f"{method:7s} {name:28s} {plan.estimate.total_gib:6.1f} GiB | {recs}")
 '''),
         md("""
+## The study's budget before anything runs (`slmkd plan`)
+Hours per stage, VRAM of every run against the card, local-disk and Drive peaks and the Drive
+footprint once the study is done, from the model shapes and the measured/derived throughput
+constants (each with its source). Anything that does not fit is named with its shortfall."""),
+        code('''
+from slmkd.study_plan import plan_study_budget
+
+budget = plan_study_budget(cfg)
+print(budget.format())
+if not budget.fits:
+    print("\\n!! something does not fit: see the lines above before starting 01")
+'''),
+        md("""
 ## The tiny offline world (tiny profile only)
 Everything runs without the Hugging Face Hub on the `tiny` profile. The world is built once and
 cached under `{drive_root}/tiny/`; later notebooks reuse it."""),
@@ -162,6 +175,22 @@ print(f"{result.num_kept} of {result.num_records} kept -> {result.output_dir}")
 show_figures(result.histogram_path)
 for rec in load_cot_records(result.output_dir)[:2]:
     print(rec["question"], "\\n---\\n", rec["completion"], "\\n===")
+'''),
+        md("""
+## Optional: the teacher off the GPU (`kd.teacher_source = "cached"`)
+One teacher forward over every kept CoT stores its top-k logits and log-normalisers per
+supervised token (`teacher_cache/` beside the CoT; resumable, hash-checked). KD can then run
+without the teacher on the card (method `kd-cached`, or `kd` with `kd.teacher_source="cached"`).
+The loss is the KL of the (k+1)-bucket coarse-grainings: a lower bound of the full KL, exact as
+k → V; `cache_stats.json` reports the top-k mass (coverage) at each temperature."""),
+        code('''
+CACHE_TEACHER = cfg.kd.teacher_source == "cached"  # set True to build the cache now
+if CACHE_TEACHER:
+    from slmkd.teacher.cache import cache_teacher
+
+    cached = cache_teacher(cfg, dataset=DATASET)
+    print(f"{cached.stats['records']} records, {cached.stats['bytes_per_token']:.0f} bytes/token, "
+          f"coverage {cached.stats['coverage']} -> {cached.cache_dir}")
 '''),
         md(NEXT.format(nb="02_kd_logits",
                        what="the students learn from these rationales (CoT-SFT and logit KD)")),
@@ -326,9 +355,11 @@ print(f"{len(run_dirs)} finished run(s):", *[str(p.relative_to(runs_root)) for p
   thing that differs between rows of the report is the weights.
 * **Fixed subsets** (`evaluation.gsm8k_limit`, `bbh_limit`, drawn with `subset_seed`): every
   model answers the same questions, which is what the paired tests of notebook 05 need.
-* **Strict and flexible extraction:** strict reads only `The answer is …`; flexible falls back
-  to the last number/option. A big gap between them means the model reasons but does not follow
-  the answer format; the headline accuracy is reported with a Wilson 95 % interval."""),
+* **Three metrics per item:** `strict` and `flexible` are lm-evaluation-harness's own filters
+  (gsm8k_cot_zeroshot strict-match / flexible-extract; BBH cot get-answer / flexible-extract),
+  reproduced exactly: `strict` is the number comparable with published lm-eval results.
+  `lenient` is slmkd's forgiving scorer (LaTeX answers, option text, …). A big gap between them
+  means the model reasons but does not follow the answer format."""),
         code('''
 from slmkd.evaluation import evaluate_model, evaluate_run, format_summary_line
 
@@ -364,10 +395,12 @@ require(drive_root / "eval", made_by="04_evaluate", what="evaluation results")
 '''),
         md("""
 ## Reading the statistics
-Each comparison pairs the two methods **question by question** on the same seeds (McNemar's
-test on the pooled pairs, and a paired bootstrap interval of the accuracy difference). A
-difference is called real only when its interval excludes zero; with one seed (FAST) or a few
-hundred questions, most differences are not."""),
+Training seeds and items are both sources of variance. Each accuracy and each difference A − B
+(per item, seeds matched) gets a 95 % interval from a two-way seed × item variance estimate;
+verdicts use Holm-corrected p-values over every comparison the report makes, and the procedure's
+false-positive rate was measured on simulated null studies (`benchmarks/stats_calibration.py`:
+≤ 6 %). The report also says the smallest difference these k seeds and n items can detect; a
+per-seed McNemar table is supplementary (conditional on those checkpoints, no verdicts)."""),
         code('''
 from IPython.display import Markdown, display
 
