@@ -319,3 +319,87 @@ def test_empty_and_unknown():
 def test_run_on_next_question_is_cut():
     text = "So the answer is (B).\n\nQ: another question\nA: So the answer is (A)."
     assert extract_answer("bbh", text, task="snarks") == "(B)"
+
+
+# --- LaTeX final answers (Qwen2.5-Instruct writes \boxed{} often) -------------------------------
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("2 * 9 = 18.\nThe answer is \\(18\\).", "18", "18"),
+        (r"The answer is $18$.", "18", "18"),
+        (r"The answer is $\boxed{18}$.", "18", "18"),
+        (r"The answer is \boxed{18}.", "18", "18"),
+        (r"The answer is \(\boxed{18}\).", "18", "18"),
+        (r"The answer is \[\boxed{18}\]", "18", "18"),
+        ("The answer is:\n\\[\n\\boxed{18}\n\\]", "18", "18"),
+        (r"The answer is \$18.", "18", "18"),
+        (r"The answer is \(\$1{,}234\).", "1234", "1234"),
+        (r"The answer is \boxed{\$1,234.50}.", "1234.5", "1234.5"),
+        (r"The answer is \(1\,234\).", "1234", "1234"),
+        (r"The answer is \boxed{\text{18}}.", "18", "18"),
+        (r"The answer is \boxed{18 \text{ apples}}.", "18", "18"),
+        (r"The answer is **\(\boxed{-3}\)**.", "-3", "-3"),
+        (r"The answer is \boxed{18\%}.", "18", "18"),
+        # a fraction is not a number: never its numerator, never its denominator
+        (r"The answer is \boxed{\frac{1}{2}}.", None, None),
+        ("Half of 36 is 18.\nThe answer is \\(\\dfrac{36}{2}\\).", None, "18"),
+        ("The answer is 1/2.", None, None),
+        # \boxed{} without the final-answer line: a flexible answer only (not the trained format)
+        (r"So she pays \(\boxed{18}\) dollars.", None, "18"),
+    ],
+)
+def test_gsm8k_latex(text, strict, flexible):
+    assert extract_gsm8k(text) == (strict, flexible)
+
+
+def test_gsm8k_latex_scored_correct():
+    from slmkd.scoring import score_prediction
+
+    for text in [r"The answer is \(18\).", r"The answer is $\boxed{18}$.",
+                 r"The answer is \boxed{18}.", r"The answer is \$18."]:
+        s = score_prediction("gsm8k", text, "18")
+        assert s == {"extracted": "18", "correct": True, "strict_correct": True,
+                     "flexible_correct": True}, text
+    s = score_prediction("gsm8k", r"The answer is \boxed{\frac{1}{2}}.", "2")
+    assert s["extracted"] is None and not s["correct"]
+    s = score_prediction("gsm8k", r"The answer is \boxed{\frac{1}{2}}.", "1")
+    assert not s["correct"]
+
+
+def test_delatex():
+    from slmkd.scoring.lenient import FRACTION_SLASH, delatex
+
+    assert delatex("plain text, 18.") == "plain text, 18."
+    assert delatex(r"It costs \$5 and \(x = 3\).") == "It costs $5 and  x = 3."
+    assert delatex(r"\boxed{\text{(A)}}") == "(A)"
+    assert delatex(r"\boxed{\text{(A)}}", keep_boxed=True) == r"\boxed{(A)}"
+    assert delatex(r"\frac{1}{2}") == f"1{FRACTION_SLASH}2"
+    assert delatex(r"$\boxed{1{,}000}$") == "$1,000 "  # "$" before a number: currency, kept
+    assert delatex(r"\boxed{18") == r"\boxed{18"  # unbalanced: left alone
+
+
+@pytest.mark.parametrize(
+    "task, text, question, expected",
+    [
+        ("date_understanding", r"So the answer is \boxed{(B)}.", DATE_Q, "(B)"),
+        ("date_understanding", r"So the answer is $\boxed{(B)}$.", DATE_Q, "(B)"),
+        ("date_understanding", r"So the answer is \text{(B)}.", DATE_Q, "(B)"),
+        ("date_understanding", r"So the answer is \(\text{(B)}\).", DATE_Q, "(B)"),
+        ("date_understanding", "Reasoning.\n\\[\n\\boxed{\\textbf{(B)}}\n\\]", DATE_Q, "(B)"),
+        ("date_understanding", r"The answer is \boxed{B}.", DATE_Q, "(B)"),
+        ("date_understanding", r"The answer is \boxed{12/25/1937}.", DATE_Q, "(B)"),
+        ("date_understanding", r"The answer is \boxed{(A) \text{ or } (B)}.", DATE_Q, None),
+        ("boolean_expressions", r"So the answer is \boxed{\text{True}}.", None, "True"),
+        ("causal_judgement", r"So the answer is $\boxed{\text{No}}$.", None, "No"),
+        ("formal_fallacies", r"So the answer is \(\boxed{\text{invalid}}\).", None, "invalid"),
+        ("multistep_arithmetic_two", r"So the answer is \(\boxed{-219}\).", None, "-219"),
+        ("object_counting", r"So the answer is $6$.", None, "6"),
+        ("word_sorting", r"So the answer is \boxed{\text{apple banana cherry}}.", None,
+         "apple banana cherry"),
+    ],
+)
+def test_bbh_latex(task, text, question, expected):
+    pred = extract_answer("bbh", text, task=task, question=question)
+    assert pred == expected
+    strict, _ = extract_bbh(text, task, question)
+    assert strict == expected  # an answer cue or \boxed{}: strict, i.e. the teacher filters keep it

@@ -119,3 +119,43 @@ def test_blocking_flags_and_config():
     assert fc.repetition_max_repeats == cfg.generation.repetition_max_repeats
     with pytest.raises(TypeError):
         apply_filters("gsm8k", None, "1", hit_max_new_tokens=False)  # type: ignore[arg-type]
+
+
+LATEX_RATIONALE = "Natalia sold \\(48 / 2 = 24\\) clips in May.\nAltogether she sold \\(48 + 24 = 72\\).\n"
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "The answer is \\(72\\).",
+        "The answer is $72$.",
+        "The answer is $\\boxed{72}$.",
+        "The answer is \\boxed{72}.",
+        "The answer is \\(\\boxed{72}\\).",
+        "The answer is:\n\\[\n\\boxed{72}\n\\]",
+        "The answer is \\$72.",
+        "**The answer is \\(\\boxed{72}\\).**",
+    ],
+)
+def test_correct_latex_cot_is_kept(final):
+    """Qwen2.5-Instruct writes LaTeX answers: a correct one is the trained final-answer line."""
+    r = gsm(LATEX_RATIONALE + final)
+    assert r.flags == [] and r.keep and r.extracted_answer == "72"
+    wrong = gsm(LATEX_RATIONALE + final.replace("72", "71"))
+    assert wrong.flags == [FLAG_INCORRECT] and not wrong.keep and wrong.extracted_answer == "71"
+
+
+def test_latex_fraction_is_no_answer():
+    r = gsm("Half of the clips.\nThe answer is \\(\\boxed{\\frac{1}{2}}\\).", gold="2")
+    assert FLAG_NO_ANSWER in r.flags and not r.keep
+    r = gsm("Half of the clips.\nThe answer is \\boxed{\\frac{1}{2}}.", gold="1")
+    assert not r.keep
+
+
+@pytest.mark.parametrize("final", ["So the answer is \\boxed{(B)}.", "So the answer is $\\boxed{(B)}$.",
+                                   "So the answer is \\(\\text{(B)}\\).", "\\[\\boxed{\\text{(B)}}\\]"])
+def test_correct_latex_bbh_cot_is_kept(final):
+    q = "Which is a fruit?\nOptions:\n(A) car\n(B) apple\n(C) chair"
+    r = apply_filters("bbh", "An apple is a fruit. " + final, "(B)", task="disambiguation_qa",
+                      question=q, hit_max_new_tokens=False)
+    assert r.flags == [] and r.keep and r.extracted_answer == "(B)"

@@ -1,9 +1,17 @@
 """Evaluation of one model on GSM8K / BBH: generate, score every item, summarise, resumably.
 
 Each finished generation batch is appended to ``predictions.jsonl`` (see
-:mod:`slmkd.evaluation.predictions`), so a rerun continues where it stopped. Scoring is
-:func:`slmkd.scoring.score_prediction`; CasCoD students decode in two steps
+:mod:`slmkd.evaluation.predictions`), so a rerun continues where it stopped. Every row carries the
+three metrics of :func:`slmkd.scoring.score_output` (lm-eval ``strict`` and ``flexible``, slmkd
+``lenient``; :func:`slmkd.evaluation.predictions.score_row`); rows of an earlier version are
+re-scored from their stored output, never regenerated. CasCoD students decode in two steps
 (:func:`slmkd.generation.cascaded_generate`). This module imports nothing heavy at import time.
+
+``eval_meta.json`` records the generation settings (a rerun with different ones is refused), the
+system prompt the chat template actually put before the user turn (:func:`chat_system_prompt`)
+and the evaluated subset (``limit``, ``subset_seed``, ``n_items``, ``item_ids_hash``); the subset
+is descriptive (changing ``limit`` reuses the stored rows), and ``summary.json`` repeats it so
+the report can refuse to compare runs evaluated on different items.
 """
 
 from __future__ import annotations
@@ -22,14 +30,23 @@ from slmkd.evaluation.predictions import (
     PREDICTIONS_FILE,
     SUMMARY_FILE,
     _append_rows,
+    _rewrite_rows,
     eval_dir,
+    item_ids_hash,
     read_predictions,
     run_model_slug,
+    score_row,
     summarize_predictions,
+    upgrade_row,
 )
-from slmkd.scoring import score_prediction
 
 _USE_CONFIG: Any = object()
+#: eval_meta keys that describe how the outputs were generated: a rerun that differs in one of
+#: them is refused (the other keys -- subset, hash, model_name -- only describe the last run).
+GENERATION_KEYS = ("model", "dataset", "method", "max_new_tokens", "cascaded", "answer_cue",
+                   "final_answer_prefix", "system_prompt")
+_SYSTEM_SENTINEL = "<<slmkd-system-prompt-probe-7f3a>>"
+
 
 def _resolve_limit(cfg: Any, dataset: str, limit: Any) -> int | None:
     if limit is _USE_CONFIG:
@@ -37,6 +54,57 @@ def _resolve_limit(cfg: Any, dataset: str, limit: Any) -> int | None:
     if limit is not None and int(limit) <= 0:
         return None
     return None if limit is None else int(limit)
+
+
+def chat_system_prompt(tokenizer: Any, user_text: str) -> str | None:
+    """The system text the tokenizer's chat template puts before a lone user turn (``None``: no
+    system block, or a template that cannot say).
+
+    The prompt is rendered as evaluation renders it (:func:`slmkd.data.prompts.build_prompt`: one
+    user message); its text before the user message is compared with a rendering that has an
+    explicit system message: the markup around that message, found in the first rendering,
+    encloses the template's own system text (Qwen2.5: "You are Qwen, created by Alibaba Cloud.
+    You are a helpful assistant.").
+    """
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    user = {"role": "user", "content": user_text}
+    try:
+        plain = render([user])
+        probe = render([{"role": "system", "content": _SYSTEM_SENTINEL}, user])
+    except Exception:  # noqa: BLE001 - templates without a system role raise anything
+        return None
+    if not isinstance(plain, str) or not isinstance(probe, str):
+        return None
+    i, s = plain.find(user_text), probe.find(_SYSTEM_SENTINEL)
+    u = probe.find(user_text, s + len(_SYSTEM_SENTINEL)) if s >= 0 else -1
+    if i < 0 or s < 0 or u < 0:
+        return None
+    prefix, before, between = plain[:i], probe[:s], probe[s + len(_SYSTEM_SENTINEL):u]
+    if (len(prefix) >= len(before) + len(between) and prefix.startswith(before)
+            and prefix.endswith(between)):
+        text = prefix[len(before):len(prefix) - len(between)].strip()
+        return text or None
+    return None
+
+
+def _load_eval_tokenizer(cfg: Any, name: Any, tokenizer_name: str | None) -> Any:
+    from slmkd.modeling import load_tokenizer
+
+    try:
+        return load_tokenizer(str(name), cfg, padding_side="left")
+    except (OSError, ValueError):
+        if not tokenizer_name:
+            raise
+        return load_tokenizer(tokenizer_name, cfg, padding_side="left")
+
+
+def _system_prompt_of(cfg: Any, tokenizer: Any, record: Any) -> str | None:
+    from slmkd.data.prompts import user_message
+    from slmkd.data.sources import bbh_prompts_for
+
+    return chat_system_prompt(tokenizer, user_message(record, bbh_prompts_for(cfg, record.dataset)))
 
 
 def evaluation_records(cfg: Any, dataset: str, limit: Any = _USE_CONFIG) -> list[Any]:
@@ -84,8 +152,11 @@ def evaluate_model(
     (:func:`slmkd.generation.cascaded_generate`), others greedily
     (:func:`slmkd.generation.iter_generate_batched`, or vLLM with
     ``cfg.evaluation.backend == "vllm"``). Each finished batch is appended to
-    ``predictions.jsonl``, so a rerun continues where it stopped; ``summary.json`` is written
-    atomically at the end. With ``train_questions`` the leakage guard runs first.
+    ``predictions.jsonl``, so a rerun continues where it stopped (rows of an earlier version are
+    re-scored from their stored output and the file rewritten, never regenerated);
+    ``summary.json`` is written atomically at the end. With ``train_questions`` the leakage guard
+    runs first. ``eval_meta.json`` and the summary record the subset (``limit``,
+    ``subset_seed``, ``item_ids_hash``) and the chat template's system prompt.
     """
     import time
 
@@ -108,18 +179,43 @@ def evaluate_model(
     max_new = int(max_new_tokens or cfg.evaluation.max_new_tokens)
     bs = int(batch_size or cfg.evaluation.batch_size)
     cascod = method in CASCOD_METHODS
-    meta = {"model": slug, "model_name": str(name) if name is not None else None,
-            "dataset": dataset, "method": method, "max_new_tokens": max_new,
-            "cascaded": cascod, "answer_cue": cfg.cascod.answer_cue if cascod else None,
-            "final_answer_prefix": FINAL_ANSWER_PREFIX}
     meta_path = out / EVAL_META_FILE
     if force:
         for p in (pred_path, out / SUMMARY_FILE, meta_path):
             p.unlink(missing_ok=True)
-    if meta_path.is_file() and pred_path.is_file():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
-        diff = {k: (old.get(k), v) for k, v in meta.items()
-                if old.get(k) != v and k != "model_name"}
+    old = (json.loads(meta_path.read_text(encoding="utf-8"))
+           if meta_path.is_file() and pred_path.is_file() else None)
+    done, bad = read_predictions(pred_path)
+    pending = [r for r in subset if r.id not in done]
+    # the system prompt the chat template adds: rendered with the tokenizer generation uses
+    if tokenizer is None and pending:
+        tokenizer = _load_eval_tokenizer(cfg, name, tokenizer_name)
+    if tokenizer is not None and subset:
+        system_prompt, rendered = _system_prompt_of(cfg, tokenizer, subset[0]), True
+    elif old is not None and old.get("system_prompt_rendered"):
+        system_prompt, rendered = old.get("system_prompt"), True
+    else:  # nothing to generate and no tokenizer at hand: not rendered
+        system_prompt, rendered = None, False
+    limit_used = None if records is not None else _resolve_limit(cfg, dataset, limit)
+    ids_hash = item_ids_hash(r.id for r in subset)
+    meta = {"model": slug, "model_name": str(name) if name is not None else None,
+            "dataset": dataset, "method": method, "max_new_tokens": max_new,
+            "cascaded": cascod, "answer_cue": cfg.cascod.answer_cue if cascod else None,
+            "final_answer_prefix": FINAL_ANSWER_PREFIX,
+            "system_prompt": system_prompt, "system_prompt_rendered": rendered,
+            "subset_source": "records" if records is not None else "config",
+            "limit": limit_used, "subset_seed": cfg.evaluation.subset_seed,
+            "subset_per_task": dataset == "bbh", "n_items": len(subset),
+            "item_ids_hash": ids_hash,
+            "metrics": {"strict": "lm-eval 0.4.13 strict-match", "flexible":
+                        "lm-eval 0.4.13 flexible-extract", "lenient": "slmkd lenient scorer"}}
+    if old is not None:
+        # compared: the generation keys both runs recorded (a system prompt only when both
+        # rendered it)
+        both_rendered = rendered and bool(old.get("system_prompt_rendered"))
+        keys = [k for k in GENERATION_KEYS
+                if k in old and (k != "system_prompt" or both_rendered)]
+        diff = {k: (old[k], meta[k]) for k in keys if old[k] != meta[k]}
         if diff:
             raise ValueError(
                 f"{pred_path} was produced with different settings {diff}; rerun with "
@@ -127,13 +223,15 @@ def evaluate_model(
             )
     atomic_write_json(meta_path, meta)
 
-    done, bad = read_predictions(pred_path)
-    if bad:  # drop a line cut short by a crash, atomically
-        from slmkd.fileio import atomic_write_text
-
-        atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                             for r in done.values()))
-    pending = [r for r in subset if r.id not in done]
+    # rows of an earlier version: re-scored from raw_output (no regeneration), stored again
+    rescored = 0
+    for rid, row in list(done.items()):
+        new, changed = upgrade_row(row, dataset)
+        if changed:
+            done[rid] = new
+            rescored += 1
+    if bad or rescored:  # also drops a line cut short by a crash; atomic
+        _rewrite_rows(pred_path, done.values())
     t0 = time.perf_counter()
     if pending:
         _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending, pred_path,
@@ -143,10 +241,14 @@ def evaluate_model(
     if len(rows) != len(subset):
         raise RuntimeError(f"{len(subset) - len(rows)} items have no prediction in {pred_path}")
     summary = summarize_predictions(rows, dataset, seed=cfg.evaluation.subset_seed)
+    assert summary["item_ids_hash"] == ids_hash
     summary.update({
         "model": slug, "model_name": meta["model_name"], "kind": kind, "method": method,
         "student": student, "seed": seed, "subset_seed": cfg.evaluation.subset_seed,
-        "limit": (len(subset) if records is not None else _resolve_limit(cfg, dataset, limit)),
+        "limit": (len(subset) if records is not None else limit_used),
+        "subset_source": meta["subset_source"], "subset_per_task": meta["subset_per_task"],
+        "item_ids_hash": ids_hash, "system_prompt": system_prompt,
+        "rescored_rows": rescored,
         "max_new_tokens": max_new, "generated_now": len(pending),
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "leakage_checked": train_questions is not None,
@@ -163,14 +265,7 @@ def _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending
     from slmkd.data.sources import bbh_prompts_for
 
     if tokenizer is None:
-        from slmkd.modeling import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(str(name), cfg, padding_side="left")
-        except (OSError, ValueError):
-            if not tokenizer_name:
-                raise
-            tokenizer = load_tokenizer(tokenizer_name, cfg, padding_side="left")
+        tokenizer = _load_eval_tokenizer(cfg, name, tokenizer_name)
     bbh_prompts = bbh_prompts_for(cfg, dataset)
     prompts = [build_prompt(tokenizer, r, bbh_prompts) for r in pending]
 
@@ -180,7 +275,7 @@ def _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending
             rec = pending[i]
             row = {"id": rec.id, "dataset": dataset, "task": rec.task, "question": rec.question,
                    "raw_output": text, "target": rec.answer}
-            row.update(score_prediction(dataset, text, rec.answer, rec.task, rec.question))
+            row.update(score_row(dataset, text, rec.answer, task=rec.task, question=rec.question))
             row.update(ex)
             rows.append(row)
             done[rec.id] = row
@@ -284,8 +379,17 @@ def evaluate_run(
 
 
 def format_summary_line(summary: dict[str, Any]) -> str:
-    """``model dataset: acc 52.4% [47.9, 56.8] (strict 51.0%, flexible 53.2%), n=500``."""
-    return (f"{summary['model']} {summary['dataset']}: acc {100 * summary['accuracy']:.1f}% "
-            f"[{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}] "
-            f"(strict {100 * summary['strict_accuracy']:.1f}%, "
-            f"flexible {100 * summary['flexible_accuracy']:.1f}%), n={summary['n']}")
+    """``model dataset: lenient 52.4% [47.9, 56.8], lm-eval strict 48.0%, flexible 53.2%, n=500``
+    (lm-eval strict/flexible; a summary of an earlier version shows the lenient modes)."""
+    def pct(x):
+        return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+    if "accuracy_strict" in summary:
+        tail = (f"lm-eval strict {pct(summary['accuracy_strict'])}, "
+                f"flexible {pct(summary['accuracy_flexible'])}")
+    else:
+        tail = (f"lenient-strict {pct(summary.get('strict_accuracy'))}, "
+                f"lenient-flexible {pct(summary.get('flexible_accuracy'))}")
+    return (f"{summary['model']} {summary['dataset']}: lenient {pct(summary['accuracy'])} "
+            f"[{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}], {tail}, "
+            f"n={summary['n']}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from slmkd.data.cot_format import DEFAULT_ANSWER_CUE, SplitCoT, split_cot
@@ -21,6 +21,27 @@ def _first(rec: dict[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
+def _own_rows_by_id(own_rows: Mapping[str, dict[str, Any]] | Iterable[dict[str, Any]] | None
+                    ) -> dict[str, dict[str, Any]]:
+    if own_rows is None:
+        return {}
+    if isinstance(own_rows, Mapping):
+        return {str(k): v for k, v in own_rows.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for row in own_rows:
+        out.setdefault(str(row["id"]), row)
+    return out
+
+
+def _stored_output(row: dict[str, Any]) -> str | None:
+    """The cascaded output a stored row holds: ``raw_output`` (the evaluator's
+    ``r + "\n" + cue + a``) or ``full_text`` (a :func:`cascaded_generate` dict)."""
+    for k in ("raw_output", "full_text"):
+        if isinstance(row.get(k), str):
+            return row[k]
+    return None
+
+
 def error_propagation(
     model: Any,
     tokenizer: Any,
@@ -32,6 +53,7 @@ def error_propagation(
     batch_size: int,
     bbh_prompts: dict[str, str] | None = None,
     show_progress: bool = True,
+    own_rows: Mapping[str, dict[str, Any]] | Iterable[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """How much of a CasCoD student's error comes from its own rationale.
 
@@ -40,6 +62,12 @@ def error_propagation(
     record or a teacher ``predictions.jsonl`` row) the student answers twice with the same answer
     step: given the teacher's rationale (split off the teacher's CoT) and given its own greedy
     rationale. Records whose teacher CoT has no clean split are skipped and counted.
+
+    ``own_rows``: the student's stored cascaded outputs (its evaluation ``predictions.jsonl``
+    rows, as a mapping id → row or a list of rows with ``id``; the output is ``raw_output`` or
+    ``full_text``). A record with a stored row is scored on it and its own-rationale answer is
+    not generated again; only the answers given the teacher's rationale (and own answers for
+    records without a stored row) are generated. ``own_reused`` / ``own_generated`` count both.
 
     Returns ``n``, ``acc_teacher_rationale``, ``acc_own_rationale``, their difference
     ``propagation_gap`` (= teacher − own), the 2×2 agreement counts ``both_correct``,
@@ -71,7 +99,21 @@ def error_propagation(
               show_progress=show_progress)
     with_teacher = cascaded_generate(model, tokenizer, prompts, rationales=[r for *_, r in kept],
                                      desc="answer | teacher rationale", **kw)
-    with_own = cascaded_generate(model, tokenizer, prompts, desc="answer | own rationale", **kw)
+    stored = _own_rows_by_id(own_rows)
+    with_own: list[dict[str, Any] | None] = [None] * len(kept)
+    missing: list[int] = []
+    for i, (rec, _, _) in enumerate(kept):
+        row = stored.get(str(rec.get("id")))
+        text = _stored_output(row) if row is not None else None
+        if text is None:
+            missing.append(i)
+        else:
+            with_own[i] = {"full_text": text, "rationale": row.get("rationale")}
+    if missing:
+        gen = cascaded_generate(model, tokenizer, [prompts[i] for i in missing],
+                                desc="answer | own rationale", **kw)
+        for i, o in zip(missing, gen, strict=True):
+            with_own[i] = o
     rows: list[dict[str, Any]] = []
     counts = Counter()
     for (rec, _, _), t_out, o_out in zip(kept, with_teacher, with_own, strict=True):
@@ -92,5 +134,6 @@ def error_propagation(
         "propagation_gap": acc_t - acc_o,
         "both_correct": counts[(True, True)], "only_teacher_rationale": counts[(True, False)],
         "only_own_rationale": counts[(False, True)], "neither": counts[(False, False)],
-        "skipped": dict(skipped), "rows": rows,
+        "skipped": dict(skipped), "own_reused": len(kept) - len(missing),
+        "own_generated": len(missing), "rows": rows,
     }

@@ -14,7 +14,6 @@ different item sets are never compared: :func:`build_report` raises ``ValueError
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from slmkd import stats
+from slmkd.evaluation.predictions import item_ids_hash
 from slmkd.report.figures import (  # noqa: F401
     ALPHA,
     METHOD_ORDER,
@@ -46,11 +46,6 @@ logger = logging.getLogger(__name__)
 
 BASELINE_METHOD = "sft"
 METRICS = ("strict", "flexible", "lenient")
-
-
-def item_ids_hash(ids: Iterable[Any]) -> str:
-    """sha256 (hex) of the sorted item ids joined by newlines."""
-    return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode("utf-8")).hexdigest()
 
 
 @dataclass

@@ -14,6 +14,11 @@ share). It is more forgiving than lm-evaluation-harness's published filters (see
   sorting. The answer is read from the last answer cue (``"So the answer is X."``,
   ``"The answer is X"``, ``"Answer: X"``, ``\\boxed{X}``); without a cue, from the last line.
   An answer naming more than one option (``"(A) or (B)"``, ``"Yes or no"``) earns nothing.
+* LaTeX answers count as their plain text for both datasets (:func:`delatex`): ``\\boxed{18}``,
+  ``\\(18\\)``, ``\\[18\\]``, ``$18$``, ``\\$18``, ``\\text{(A)}``, ``1{,}234``; so
+  ``"The answer is \\(\\boxed{18}\\)."`` is the trained final-answer line (GSM8K strict) and the
+  teacher filters keep such CoTs. A fraction (``\\frac{1}{2}``, ``"The answer is 1/2."``) is not
+  a number: it is never read as ``1`` or ``2``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "BBH_TASK_TYPES",
     "FINAL_ANSWER_PREFIX",
     "bbh_task_type",
+    "delatex",
     "extract_answer",
     "extract_bbh",
     "extract_gsm8k",
@@ -120,6 +126,95 @@ _BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 _NEXT_QUESTION_RE = re.compile(r"\n\s*(?:Q|Question)\s*:")
 
 
+# LaTeX commands whose braced argument is kept as plain text (``\boxed`` unless asked not to).
+_LATEX_WRAPPERS = ("text", "textbf", "textit", "textrm", "textnormal", "mathrm", "mathbf",
+                   "mathit", "mathsf", "mbox", "fbox", "operatorname")
+_LATEX_CMD_RE = re.compile(r"\\(boxed|[dt]?frac|" + "|".join(_LATEX_WRAPPERS) + r")\s*\{")
+#: U+2044 FRACTION SLASH: a LaTeX fraction ``\frac{a}{b}`` becomes ``a⁄b``, which no number
+#: extractor reads as a number (:func:`_numbers_in` drops it whole).
+FRACTION_SLASH = "\u2044"
+_FRACTION_TOKEN_RE = re.compile(
+    r"\S*" + FRACTION_SLASH + r"\S*"  # LaTeX: any content
+    r"|(?<![\w/])-?\d[\d,.]*(?:/-?\d[\d,.]*)+(?![\w/])"  # plain "1/2", "12/25/1937"
+)
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index just past the ``}`` closing the ``{`` at ``text[start]`` (``None``: unbalanced).
+    Escaped braces (``\\{``, ``\\}``) do not count."""
+    depth = 0
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _unwrap_commands(text: str, keep_boxed: bool) -> str:
+    """``\\cmd{X}`` -> ``X`` and ``\\frac{a}{b}`` -> ``a⁄b``, outermost first, at any depth."""
+    pos = 0
+    while True:
+        m = _LATEX_CMD_RE.search(text, pos)
+        if m is None:
+            return text
+        name, brace = m.group(1), m.end() - 1
+        end = _closing_brace(text, brace)
+        if end is None or (name == "boxed" and keep_boxed):
+            pos = m.end()
+            continue
+        inner = text[brace + 1 : end - 1]
+        if name.endswith("frac"):
+            m2 = re.compile(r"\s*\{").match(text, end)
+            end2 = _closing_brace(text, m2.end() - 1) if m2 else None
+            if end2 is None:
+                pos = m.end()
+                continue
+            den = text[m2.end() : end2 - 1]
+            repl = re.sub(r"\s+", "", inner) + FRACTION_SLASH + re.sub(r"\s+", "", den)
+            end = end2
+        else:
+            repl = inner
+        text = text[: m.start()] + repl + text[end:]
+        pos = m.start()
+
+
+def delatex(text: str, *, keep_boxed: bool = False) -> str:
+    """Plain text of the LaTeX markup in a model output (text without ``\\`` or ``$`` is
+    returned unchanged).
+
+    ``\\(``, ``\\)``, ``\\[``, ``\\]`` and the ``$`` / ``$$`` math delimiters are dropped;
+    ``\\$`` (an escaped dollar sign) becomes ``$``; ``\\boxed{X}``, ``\\text{X}``,
+    ``\\mathbf{X}``… become ``X`` (``\\boxed`` stays with ``keep_boxed``, for callers that use it
+    as an answer cue); ``\\frac{a}{b}`` becomes ``a⁄b`` (U+2044, not a number); ``1{,}234`` and
+    ``1\\,234`` become ``1,234`` / ``1234``; ``\\%`` becomes ``%``. A ``$`` directly before a
+    number (``$18``) is kept: it is currency, which the number normaliser ignores.
+    """
+    if "\\" not in text and "$" not in text:
+        return text
+    t = text.replace("\\$", "\x00")  # an escaped dollar sign is currency, not a delimiter
+    t = _unwrap_commands(t, keep_boxed)
+    t = re.sub(r"\\[()\[\]]", " ", t)
+    t = t.replace("{,}", ",").replace("\\%", "%")
+    t = re.sub(r"(?<=\d)\\[,!;:]\s?(?=\d)", "", t)  # 1\,234
+    t = re.sub(r"\\[,!;:]|\\q?quad\b", " ", t)
+    # math-mode "$": dropped, except a currency sign directly before a number
+    t = t.replace("$$", " ")
+    t = re.sub(r"\$(?!\s?-?\d|\.\d)", " ", t)
+    t = re.sub(r"(?<=[\d.])\$", " ", t)  # the closing "$" of "$18$"
+    t = t.replace("\x00", "$")
+    # "\( 18 \)." leaves "18 ." once the delimiters are gone: rejoin the sentence end
+    return re.sub(r"[ \t]+(?=[.,;:!?](?:\s|$))", "", t)
+
+
 def _clean_markdown(text: str) -> str:
     """Drop bold/underline markers, backticks and heading hashes (``####`` is kept for GSM8K)."""
     text = re.sub(r"\*\*|__|`+", "", text)
@@ -198,6 +293,8 @@ def _number_word(s: str) -> int | None:
 
 def _numbers_in(text: str) -> list[str]:
     out = []
+    if FRACTION_SLASH in text or "/" in text:  # a fraction is no number, nor are its parts
+        text = _FRACTION_TOKEN_RE.sub(" ", text)
     for m in _NUM_RE.finditer(text):
         n = normalize_number(m.group(0))
         if n is not None:
@@ -205,18 +302,27 @@ def _numbers_in(text: str) -> list[str]:
     return out
 
 
+_GSM8K_STRICT_RE = re.compile(
+    re.escape(FINAL_ANSWER_PREFIX).replace(r"\ ", r"\s+")
+    + r"\s*:?\s*(-?\s?\$?\s?-?\d[\d,]*(?:\.\d+)?)"
+    + r"(?!\.?\d|\s*[/" + FRACTION_SLASH + r"]\s*\d)",  # not the numerator of "1/2"
+    re.IGNORECASE,
+)
+
+
 def extract_gsm8k(text: str | None) -> tuple[str | None, str | None]:
     """``(strict, flexible)`` GSM8K answers of a generation, both normalised (or ``None``).
 
     strict: the number after the last ``"The answer is"`` (the trained final-answer line; markdown
-    bold, ``:`` and ``$`` allowed in between); flexible: the last number anywhere in the text.
+    bold, ``:``, ``$`` and LaTeX allowed around it: ``\\boxed{18}``, ``\\(18\\)``, ``$18$``,
+    ``\\$18``; a fraction ``1/2`` is no number); flexible: the last number anywhere in the text
+    (LaTeX fractions skipped).
     """
     if not text:
         return None, None
-    t = _clean_markdown(_truncate_next_question(text))
+    t = delatex(_clean_markdown(_truncate_next_question(text)))
     strict = None
-    prefix = re.escape(FINAL_ANSWER_PREFIX).replace(r"\ ", r"\s+")
-    for m in re.finditer(prefix + r"\s*:?\s*(-?\s?\$?\s?-?\d[\d,]*(?:\.\d+)?)", t, re.IGNORECASE):
+    for m in _GSM8K_STRICT_RE.finditer(t):
         strict = normalize_number(m.group(1))
     nums = _numbers_in(t)
     flexible = nums[-1] if nums else None
@@ -401,7 +507,7 @@ def extract_bbh(
     """
     if not text:
         return None, None
-    t = _clean_markdown(_truncate_next_question(text))
+    t = delatex(_clean_markdown(_truncate_next_question(text)), keep_boxed=True)
     ttype = bbh_task_type(task)
     span = _answer_span(t)
     strict = _bbh_from_span(span, ttype, task, question) if span is not None else None

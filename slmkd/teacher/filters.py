@@ -13,8 +13,12 @@ Flags (all can co-occur):
   ``repetition_max_repeats`` times over at least ``min_loop_chars`` characters (loops without
   spaces, e.g. ``"=========…"``). For the word test, with tokens ``w_1..w_N`` (split on
   whitespace) the count of a gram ``g`` is ``#{i : (w_i, …, w_{i+n-1}) = g}`` (overlaps counted).
-* ``no_answer`` — no final answer in the trained format: the *strict* extractor of
-  :mod:`slmkd.evaluation` (``"The answer is N."`` for GSM8K, an answer cue for BBH) finds nothing.
+* ``no_answer`` — no final answer in the trained format: the *strict* mode of the lenient
+  extractor (:mod:`slmkd.scoring.lenient`: ``"The answer is N."`` for GSM8K, an answer cue or
+  ``\\boxed{}`` for BBH) finds nothing. LaTeX final answers count as the trained format
+  (``"The answer is \\(18\\)."``, ``"The answer is $\\boxed{18}$."``, ``"The answer is
+  \\boxed{18}."``, ``"The answer is \\$18."``, ``"So the answer is \\boxed{(A)}."``), so correct
+  LaTeX CoTs are kept; a fraction (``\\boxed{\\frac{1}{2}}``) is not a number and gets this flag.
 * ``incorrect`` — an answer was extracted but ``is_correct(dataset, answer, gold, task)`` is False.
   Blocking unless ``keep_incorrect`` is set.
 """
