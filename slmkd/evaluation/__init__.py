@@ -39,9 +39,10 @@ from slmkd.scoring import (
     score_prediction,
 )
 
-__all__ = ["BBH_TASK_TYPES", "CASCOD_METHODS", "EVAL_META_FILE", "FINAL_ANSWER_PREFIX", "LeakageError",
-           "PREDICTIONS_FILE", "SUMMARY_FILE", "bbh_task_type", "check_no_leakage", "error_propagation",
-           "eval_dir", "evaluate_model", "item_ids_hash", "rescore_eval_dir", "evaluate_run", "evaluation_records", "extract_answer",
-           "extract_bbh", "extract_gsm8k", "format_summary_line", "is_correct", "normalize_number",
-           "parse_options", "read_predictions", "read_train_summary", "run_model_slug",
-           "score_prediction", "summarize_predictions", "training_questions_for_run"]
+__all__ = ["BBH_TASK_TYPES", "CASCOD_METHODS", "EVAL_META_FILE", "FINAL_ANSWER_PREFIX",
+           "LeakageError", "PREDICTIONS_FILE", "SUMMARY_FILE", "bbh_task_type", "check_no_leakage",
+           "error_propagation", "eval_dir", "evaluate_model", "evaluate_run", "evaluation_records",
+           "extract_answer", "extract_bbh", "extract_gsm8k", "format_summary_line", "is_correct",
+           "item_ids_hash", "normalize_number", "parse_options", "read_predictions",
+           "read_train_summary", "rescore_eval_dir", "run_model_slug", "score_prediction",
+           "summarize_predictions", "training_questions_for_run"]
