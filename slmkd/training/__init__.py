@@ -1,6 +1,7 @@
 """Stages 02/03, training: :func:`train` runs one method × student × seed, resumably.
 
-Modules: :mod:`.run` (the run directory, resume check, set-up, two-stage runs), :mod:`.trainer`
+Modules: :mod:`.staged` (``train``: one run, or a two-stage method stage by stage), :mod:`.run`
+(the run directory, resume check, set-up of one run), :mod:`.trainer`
 (:class:`DistillationTrainer`: losses, guards, schedules), :mod:`.methods` (the registry),
 :mod:`.sft_kd` and :mod:`.cascod` (the methods), :mod:`.data` (examples, collator, CoT records),
 :mod:`.checkpoint` (manifests, Drive sync, resume selection), :mod:`.monitor` (logs, plots).
@@ -19,9 +20,9 @@ from slmkd.training.run import (
     local_checkpoint_dir,
     run_dir_for,
     run_identity,
-    train,
 )
 from slmkd.training.sft_kd import build_cot_datasets, kd_or_ce_loss
+from slmkd.training.staged import train
 from slmkd.training.trainer import (
     FAULT_KILL_ENV,
     STATE_NAME,

@@ -7,17 +7,27 @@ Every ``log_every`` optimiser steps the trainer logs (one JSON object per line i
 them (main process only) and redraws three figures — loss/CE/KD, gradient norm, VRAM — saved as
 PNG in ``{run_dir}/plots/`` and, with ``live_plot=True`` inside a notebook, shown inline and
 updated in place (``IPython.display`` with a display id). Figures use matplotlib's object API
-(no pyplot state), so they work headless with the Agg backend.
+(no pyplot state), so they work headless with the Agg backend. A log line that cannot be
+written (a full Drive) is kept in memory and retried at the next log; training goes on.
+
+:func:`release_trainer` breaks the reference cycles that kept a finished run's model and trainer
+(GPU memory) alive until the next ``gc.collect()``; :func:`free_memory` collects and empties the
+CUDA cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import io
 import json
 import logging
 import math
 import os
 import time
+import types
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +204,8 @@ class TrainingMonitor(TrainerCallback):
         self.live = LivePlot() if live_plot else None
         self.min_interval_s = min_interval_s
         self._last_draw = time.time()
+        self._unwritten: list[dict[str, Any]] = []
+        self._write_failed = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -202,12 +214,31 @@ class TrainingMonitor(TrainerCallback):
             return
         entry = {"step": state.global_step, "epoch": state.epoch, **logs}
         entry.pop("total_flos", None)
-        append_log(self.log_path, entry)
+        self._unwritten.append(entry)
+        if not self._flush():
+            return
         if time.time() - self._last_draw >= self.min_interval_s:
             self.redraw()
 
+    def _flush(self) -> bool:
+        """Append the entries not yet written; a failing write (a full Drive) is said once and
+        retried at the next log, never raised: training goes on."""
+        while self._unwritten:
+            try:
+                append_log(self.log_path, self._unwritten[0])
+            except OSError as e:
+                if not self._write_failed:
+                    self._write_failed = True
+                    logger.warning("Cannot write %s (%s); the log lines are kept in memory and "
+                                   "written when it works again.", self.log_path, e)
+                return False
+            self._unwritten.pop(0)
+        self._write_failed = False
+        return True
+
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            self._flush()
             self.redraw()
 
     def redraw(self) -> None:
@@ -221,3 +252,80 @@ class TrainingMonitor(TrainerCallback):
                 self.live.update(entries)
         except Exception as e:  # noqa: BLE001 — a plot must never stop training
             logger.warning("Could not draw training plots: %s", e)
+
+
+# -- memory of a finished run ----------------------------------------------------------------------
+def _refers_to(fn: Any, target: Any, depth: int = 0) -> bool:
+    """True when the callable ``fn`` (through bound methods, closures, ``__wrapped__``) holds
+    ``target``."""
+    if fn is None or depth > 5:
+        return False
+    if isinstance(fn, types.MethodType):
+        return fn.__self__ is target or _refers_to(fn.__func__, target, depth + 1)
+    if isinstance(fn, functools.partial):
+        return any(a is target for a in fn.args) or _refers_to(fn.func, target, depth + 1)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if v is target or (callable(v) and _refers_to(v, target, depth + 1)):
+            return True
+    return _refers_to(getattr(fn, "__wrapped__", None), target, depth + 1)
+
+
+def release_trainer(trainer: Any, callbacks: Iterable[Any] = ()) -> None:
+    """Break the reference cycles that kept a finished run's model and trainer alive until the
+    next ``gc.collect()`` (GPU memory held between runs): callbacks pointing at the trainer,
+    forward hooks and the guarded ``optimizer.step`` whose closures hold it, methods bound to
+    their own module (accelerate's autocast forward), and the trainer's and accelerator's
+    references to model, teacher, optimizer and data."""
+    import torch
+
+    handler = getattr(trainer, "callback_handler", None)
+    for cb in (*callbacks, *getattr(handler, "callbacks", ())):
+        if getattr(cb, "trainer", None) is trainer:
+            cb.trainer = None
+    modules: list[torch.nn.Module] = []
+    for name in ("model", "model_wrapped", "teacher"):
+        m = getattr(trainer, name, None)
+        if isinstance(m, torch.nn.Module):
+            modules.extend(m.modules())
+    for mod in {id(m): m for m in modules}.values():
+        for hooks in (mod._forward_hooks, mod._forward_pre_hooks):
+            for hid, fn in list(hooks.items()):
+                if _refers_to(fn, trainer):
+                    hooks.pop(hid, None)
+                    getattr(mod, "_forward_hooks_with_kwargs", {}).pop(hid, None)
+                    getattr(mod, "_forward_hooks_always_called", {}).pop(hid, None)
+                    getattr(mod, "_forward_pre_hooks_with_kwargs", {}).pop(hid, None)
+        for attr in ("forward", "_original_forward"):
+            v = vars(mod).get(attr)
+            if v is not None and _refers_to(v, mod):
+                with contextlib.suppress(AttributeError):
+                    delattr(mod, attr)
+    opt = getattr(trainer, "optimizer", None)
+    for o in (opt, getattr(opt, "optimizer", None)):
+        if o is not None and "step" in vars(o) and _refers_to(vars(o)["step"], trainer):
+            delattr(o, "step")
+    acc = getattr(trainer, "accelerator", None)
+    if acc is not None:
+        with contextlib.suppress(Exception):
+            acc.free_memory()
+    for name in ("model", "model_wrapped", "teacher", "optimizer", "lr_scheduler",
+                 "train_dataset", "eval_dataset", "data_collator"):
+        if name in vars(trainer):
+            with contextlib.suppress(Exception):
+                setattr(trainer, name, None)
+    for name in ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"):
+        if handler is not None and name in vars(handler):
+            setattr(handler, name, None)
+
+
+def free_memory() -> None:
+    """``gc.collect()``, then ``torch.cuda.empty_cache()`` when CUDA is there."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,7 +1,27 @@
 """Running one training job: the run directory, its identity (resume check), the student and
-teacher, the :class:`~slmkd.training.trainer.DistillationTrainer`, and two-stage methods.
+teacher, the :class:`~slmkd.training.trainer.DistillationTrainer`, and the storage policy.
 
-:func:`train` is the stage's entry point (notebooks 02/03, ``slmkd train``, ``slmkd run``).
+:func:`train` runs one single-stage method (two-stage methods: :func:`slmkd.training.staged.train`,
+which dispatches and runs each stage through this one).
+
+Storage policy (a run directory lives on Drive; local disk dies with the runtime):
+
+* checkpoints are written to local disk every ``cfg.train.save_every_minutes`` of training
+  (:class:`CheckpointSchedule`) and/or every ``save_steps`` steps when those are set, never at
+  the last step; :class:`~slmkd.training.checkpoint.DriveSyncer` hashes and copies each one to
+  ``{run_dir}/checkpoints/`` in the background. Drive keeps one resumable checkpoint (the new one
+  verified before the old one is removed), local disk the newest one (plus the one being copied
+  and the one being written). A resumed run needs only what is on Drive.
+* a failed copy or a full Drive gives one message (needed, free, the step Drive resumes from);
+  training goes on locally.
+* at the end, ``final/`` is saved in ``cfg.train.final_dtype`` on local disk, copied to Drive and
+  verified, ``train_summary.json`` written (the run is complete), then every checkpoint of the
+  run is removed from Drive and local disk; logs, plots and summary stay.
+* when Drive cannot take ``final/``, it stays on local disk (``{local}/final`` and
+  ``final_pending.json``) with a message, the run is not complete and its Drive checkpoint is
+  kept. Rerunning the same command copies the local ``final/`` (no training) when it is still
+  there, else resumes from Drive.
+* ``.tmp-*`` / ``.old-*`` partial copies of the run are removed when it starts.
 """
 
 from __future__ import annotations
@@ -12,6 +32,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +42,37 @@ from transformers import TrainingArguments
 
 from slmkd.fileio import atomic_write_json, read_json
 from slmkd.layout import run_dir_for
-from slmkd.training.checkpoint import DriveSyncer, select_resume_checkpoint
+from slmkd.training.checkpoint import (
+    CheckpointSchedule,
+    CopyCancelled,
+    DriveSyncer,
+    checkpoint_step,
+    describe_free,
+    dir_bytes,
+    fmt_bytes,
+    is_no_space,
+    list_checkpoints,
+    publish_checkpoint,
+    remove_checkpoint_folder,
+    remove_stale_copies,
+    save_final_model,
+    save_schedule,
+    select_resume_checkpoint,
+    verify_checkpoint,
+)
 from slmkd.training.data import PaddingCollator
 from slmkd.training.method_spec import MethodSpec
 from slmkd.training.methods import get_method
-from slmkd.training.monitor import LOG_NAME, TrainingMonitor, read_log, save_plots, truncate_log, vram_stats
+from slmkd.training.monitor import (
+    LOG_NAME,
+    TrainingMonitor,
+    read_log,
+    release_trainer,
+    save_plots,
+    truncate_log,
+    vram_stats,
+)
+from slmkd.training.monitor import free_memory as _free_memory
 from slmkd.training.trainer import (
     STATE_NAME,
     DistillationTrainer,
@@ -42,11 +89,16 @@ SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "config.json"
 RUN_META_NAME = "run.json"
 FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+#: on local disk, beside a ``final/`` that Drive could not take: the run's summary and identity
+PENDING_NAME = "final_pending.json"
 SKIP_WARN_FRACTION = 0.01
+NO_STEP_SAVES = 10**9
 #: settings that do not change the trained weights (never part of the resume check)
 OPERATIONAL_KEYS = frozenset({
     "train.log_every", "train.save_steps", "train.save_total_limit",
     "train.dataloader_num_workers", "train.debug_nan", "train.local_checkpoint_dir",
+    "train.save_every_minutes", "train.final_dtype",
     "generation.batch_size", "generation.backend", "generation.shard_size",
     "models.trust_remote_code",
 })
@@ -57,12 +109,14 @@ class RunConfigMismatchError(RuntimeError):
 
 
 
-
 # =============================================================================================
 # runs
 # =============================================================================================
 @dataclass
 class TrainResult:
+    """``final_dir`` is ``{run_dir}/final`` once the run is complete; while Drive could not take
+    the final model it is the local copy (``summary["final_on_drive"]`` is then False)."""
+
     run_dir: Path
     final_dir: Path
     summary: dict[str, Any]
@@ -129,7 +183,11 @@ def _say(msg: str) -> None:
 def _build_training_args(cfg: ExperimentConfig, out_dir: Path, seed: int, max_steps: int,
                          save_steps: int, device: torch.device) -> TrainingArguments:
     kw = cfg.train.training_arguments_kwargs()
-    kw.update(max_steps=max_steps, save_steps=save_steps, save_total_limit=None)
+    # save_steps <= 0: no step-based checkpoints (CheckpointSchedule saves by wall time); local
+    # checkpoints are pruned by the DriveSyncer, never by the Trainer's rotation (it would remove
+    # a checkpoint while it is being copied)
+    kw.update(max_steps=max_steps, save_steps=save_steps if save_steps > 0 else NO_STEP_SAVES,
+              save_total_limit=None)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     optim = kw.pop("optim")
     if optim.endswith("bnb_8bit"):
@@ -162,6 +220,95 @@ def _apply_lora(cfg: ExperimentConfig, model: Any) -> Any:
     return get_peft_model(model, lcfg)
 
 
+# =============================================================================================
+# the final model on Drive
+# =============================================================================================
+_FINAL_COPY_RETRIES = 3
+_FINAL_COPY_BACKOFF_S = 2.0
+
+
+def _drive_resumable(drive_ckpt_dir: Path) -> str:
+    """The newest complete checkpoint on Drive, in words (sizes checked)."""
+    for step, p in reversed(list_checkpoints(drive_ckpt_dir)):
+        if verify_checkpoint(p, checksums=False)[0]:
+            return f"{p.name} (step {step})"
+    return "nothing on Drive: a new runtime would restart this run from step 0"
+
+
+def _read_pending(local_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a finished run whose ``final/`` is still only on local disk, or None
+    (a pending record of another configuration, or a damaged local final, is removed)."""
+    p = local_dir / PENDING_NAME
+    if not p.is_file():
+        return None
+    local_final = local_dir / FINAL_DIR
+    try:
+        rec = read_json(p)
+    except ValueError:
+        rec = {}
+    ok, why = verify_checkpoint(local_final) if rec.get("identity") == ident else (False, "")
+    if ok:
+        return dict(rec["summary"])
+    _say(f"Ignoring the local final model {local_final} "
+         f"({why or 'made with another configuration'}).")
+    p.unlink(missing_ok=True)
+    shutil.rmtree(local_final, ignore_errors=True)
+    return None
+
+
+def _publish_final(run_dir: Path, local_dir: Path, summary: dict[str, Any],
+                   resumable: Callable[[], str]) -> TrainResult:
+    """Copy ``{local_dir}/final`` to ``{run_dir}/final`` (verified), write the summary (the run
+    is complete), then remove the run's checkpoints on Drive and the local folder. When the copy
+    fails, keep everything needed: the local final, the pending record, the Drive checkpoint."""
+    local_final = local_dir / FINAL_DIR
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    err: BaseException | None = None
+    for attempt in range(1, _FINAL_COPY_RETRIES + 1):
+        try:
+            publish_checkpoint(local_final, run_dir, checksums=True, name=FINAL_DIR)
+            atomic_write_json(run_dir / SUMMARY_NAME, summary)
+            err = None
+            break
+        except (OSError, CopyCancelled, ValueError) as e:
+            err = e
+            logger.warning("copy of %s to %s failed (attempt %d): %s", local_final, run_dir,
+                           attempt, e)
+            if is_no_space(e) or attempt == _FINAL_COPY_RETRIES:
+                break
+            time.sleep(_FINAL_COPY_BACKOFF_S * attempt)
+    if err is None:
+        freed_drive = remove_checkpoint_folder(drive_ckpt_dir)
+        freed_local = dir_bytes(local_dir)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        _say(f"final model copied to {run_dir / FINAL_DIR} and verified; the run's checkpoints "
+             f"are removed ({fmt_bytes(freed_drive)} on Drive, {fmt_bytes(freed_local)} on local "
+             "disk, final copy included)")
+        return TrainResult(run_dir, run_dir / FINAL_DIR, summary)
+    for _, p in list_checkpoints(local_dir):  # the local final supersedes them
+        shutil.rmtree(p, ignore_errors=True)
+    need_b = dir_bytes(local_final)
+    need = fmt_bytes(need_b)
+    why = "Drive is full" if is_no_space(err) else "copying it to Drive failed"
+    hint = ""
+    on_drive = list_checkpoints(drive_ckpt_dir)
+    if on_drive and is_no_space(err) and dir_bytes(on_drive[-1][1]) >= need_b:
+        hint = (f" (deleting this run's Drive checkpoint {on_drive[-1][1]}, "
+                f"{fmt_bytes(dir_bytes(on_drive[-1][1]))}, is enough, but the run cannot resume "
+                "then if this runtime ends before the rerun)")
+    _say(f"WARNING: the run is trained but NOT complete on Drive: {why} "
+         f"({type(err).__name__}: {err}). The final model ({need}) is kept on local disk "
+         f"at {local_final}; {describe_free(run_dir)} at {run_dir}. Free at least "
+         f"{need} on Drive{hint} and rerun the same command: the final model is copied and the "
+         "run marked complete (no training). If this runtime ends before, the local copy is lost "
+         f"and the rerun resumes from Drive: {resumable()}.")
+    return TrainResult(run_dir, local_final, {**summary, "final_on_drive": False,
+                                              "final_local_dir": str(local_final)})
+
+
+# =============================================================================================
+# train
+# =============================================================================================
 def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
           run_dir: str | os.PathLike | None = None, max_steps: int | None = None,
           save_steps: int | None = None, force: bool = False, live_plot: bool = False,
@@ -170,28 +317,32 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
 
     Args:
         cfg: the experiment config.
-        method: a registered method (``sft``, ``kd``, ``cascod``, ``cascod-2stage``, ``cascod-kd``).
+        method: a registered single-stage method (``sft``, ``kd``, ``cascod``, ``cascod-kd``, a
+            stage of ``cascod-2stage``).
         student: a key of ``cfg.models`` (``student_small``) or a model name.
         run_dir: default :func:`run_dir_for`.
-        max_steps, save_steps: override ``cfg.train.max_steps`` / ``cfg.train.save_steps``.
+        max_steps: override ``cfg.train.max_steps``.
+        save_steps: a step interval for checkpoints (see :func:`save_schedule`).
         force: resume (or retrain a finished run) even when the saved config differs.
         live_plot: draw the loss/grad-norm/VRAM plots inline (notebooks).
         init_model: start from these weights instead of the student's (two-stage methods).
 
-    Returns a :class:`TrainResult`; ``{run_dir}/train_summary.json`` is written last.
+    Returns a :class:`TrainResult`; ``{run_dir}/train_summary.json`` is written last, once
+    ``final/`` is on Drive (see the module's storage policy). Model, teacher and trainer are freed
+    before it returns.
     """
-    spec = get_method(method)
+    spec = get_method(method, cfg)
     student_name = cfg.student_name(student)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, method, student, seed)
     max_steps = int(cfg.train.max_steps if max_steps is None else max_steps)
-    save_steps = int(cfg.train.save_steps if save_steps is None else save_steps)
     if spec.stages:
-        return _train_staged(cfg, spec, student, seed, run_dir=run_dir, max_steps=max_steps,
-                             save_steps=save_steps, force=force, live_plot=live_plot)
+        raise ValueError(f"{method!r} has stages {list(spec.stages)}: train it with "
+                         "slmkd.training.staged.train (which runs each stage here).")
 
     from accelerate import PartialState
 
     state = PartialState()
+    main = state.is_main_process
     ident = run_identity(cfg, spec, student_name, seed, max_steps)
     if init_model is not None:
         ident["init_model"] = str(init_model)
@@ -208,21 +359,90 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
         if diffs:
             _say(f"--force: continuing {run_dir} with a changed configuration: {diffs}")
             fresh = is_run_complete(run_dir)
+    local_dir = local_checkpoint_dir(cfg, run_dir)
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    if main:
+        for folder, names in ((drive_ckpt_dir, None), (run_dir, [FINAL_DIR]), (local_dir, None)):
+            for p, size in remove_stale_copies(folder, names):
+                _say(f"removed a stale partial copy {p} ({fmt_bytes(size)}; a copy cut by a "
+                     "crash or a disconnect)")
     if is_run_complete(run_dir) and not fresh:
         summary = read_json(run_dir / SUMMARY_NAME)
+        if main:  # a run cut between its summary and the removal of its checkpoints
+            freed = remove_checkpoint_folder(drive_ckpt_dir) + dir_bytes(local_dir)
+            shutil.rmtree(local_dir, ignore_errors=True)
+            if freed:
+                _say(f"removed {fmt_bytes(freed)} of checkpoints left by the completed run")
         _say(f"{run_dir} is already complete (train_summary.json); nothing to do.")
         return TrainResult(run_dir, run_dir / summary.get("final_model_dir", FINAL_DIR), summary)
 
-    t_start = time.time()
+    pending = _read_pending(local_dir, ident) if main and not fresh else None
+    if pending is not None:
+        _say(f"{run_dir}: this run's final model is on local disk ({local_dir / FINAL_DIR}), "
+             "not yet on Drive; copying it (no training).")
+        res = _publish_final(run_dir, local_dir, pending, lambda: _drive_resumable(drive_ckpt_dir))
+    if state.num_processes > 1:
+        pflag = torch.tensor([int(pending is not None)], device=state.device)
+        torch.distributed.broadcast(pflag, src=0)
+        has_pending = bool(pflag.item())
+    else:
+        has_pending = pending is not None
+    if has_pending:
+        state.wait_for_everyone()
+        if main:
+            return res
+        return _result_on_other_rank(run_dir, local_dir)
+
+    summary, syncer = _fit(cfg, spec, method, student_name, seed, run_dir=run_dir,
+                           local_dir=local_dir, max_steps=max_steps, save_steps=save_steps,
+                           fresh=fresh, ident=ident, live_plot=live_plot, init_model=init_model)
+    _free_memory()  # _fit's frame is gone: model, teacher and trainer with it
+    if main:
+        atomic_write_json(local_dir / PENDING_NAME, {"identity": ident, "summary": summary})
+        res = _publish_final(run_dir, local_dir, summary,
+                             lambda: syncer.resumable if syncer is not None
+                             else _drive_resumable(drive_ckpt_dir))
+        frac = summary["skipped_fraction"]
+        flag = "  <-- FLAG: >= 1% of batches skipped" if frac >= SKIP_WARN_FRACTION else ""
+        _say(f"[{method}] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
+             f"skipped {summary['skipped_batches']} ({100 * frac:.2f}%){flag}\n"
+             f"  model: {res.final_dir}\n  log: {run_dir / LOG_NAME}\n  plots: {run_dir / 'plots'}")
+    state.wait_for_everyone()
+    if main:
+        return res
+    return _result_on_other_rank(run_dir, local_dir)
+
+
+def _result_on_other_rank(run_dir: Path, local_dir: Path) -> TrainResult:
+    if is_run_complete(run_dir):
+        s = read_json(run_dir / SUMMARY_NAME)
+        return TrainResult(run_dir, run_dir / s.get("final_model_dir", FINAL_DIR), s)
+    s = read_json(local_dir / PENDING_NAME)["summary"]
+    return TrainResult(run_dir, local_dir / FINAL_DIR, {**s, "final_on_drive": False})
+
+
+def _fit(cfg: ExperimentConfig, spec: MethodSpec, method: str, student_name: str, seed: int, *,
+         run_dir: Path, local_dir: Path, max_steps: int, save_steps: int | None, fresh: bool,
+         ident: dict[str, Any], live_plot: bool,
+         init_model: str | os.PathLike | None) -> tuple[dict[str, Any] | None, DriveSyncer | None]:
+    """Load, train, save ``{local_dir}/final``; returns ``(summary, syncer)`` (summary None
+    off the main process). Everything that holds the model lives in this frame, and the trainer's
+    reference cycles are broken before it returns (also on an exception)."""
+    from accelerate import PartialState
     from transformers import set_seed
 
     from slmkd.modeling import load_causal_lm, load_tokenizer
     from slmkd.training.data import load_training_records
 
-    if state.is_main_process:
+    state = PartialState()
+    main = state.is_main_process
+    t_start = time.time()
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+            remove_checkpoint_folder(drive_ckpt_dir)  # of the finished run being retrained
     state.wait_for_everyone()
 
     tokenizer = load_tokenizer(student_name, cfg)
@@ -255,126 +475,100 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
     if cfg.train.use_lora:
         model = _apply_lora(cfg, model)
 
-    local_dir = local_checkpoint_dir(cfg, run_dir)
-    drive_ckpt_dir = run_dir / "checkpoints"
-    args = _build_training_args(cfg, local_dir, seed, max_steps, save_steps, device)
+    every_s, every_steps = save_schedule(cfg, save_steps)
+    args = _build_training_args(cfg, local_dir, seed, max_steps, every_steps, device)
 
     # -- resume ----------------------------------------------------------------------------
     guard = GuardState()
     resume = None
     if not fresh:
         resume = select_resume_checkpoint([local_dir, drive_ckpt_dir],
-                                          report=_say if state.is_main_process else logger.debug)
+                                          report=_say if main else logger.debug)
     if resume is not None:
         st = read_json(resume / STATE_NAME) if (resume / STATE_NAME).is_file() else {}
         guard = GuardState.from_dict(st.get("guard", {}))
         step = int(st.get("global_step", 0))
-        if state.is_main_process:
+        if main:
             truncate_log(run_dir / LOG_NAME, step)
         _say(f"[{method}] resuming from {resume} (step {step}, {guard.skipped} skipped so far)")
-    elif state.is_main_process:
+    elif main:
         (run_dir / LOG_NAME).unlink(missing_ok=True)
-    if state.is_main_process:
+    if main:
+        for _, p in list_checkpoints(local_dir):  # older or unusable: local keeps one
+            if resume is None or p.resolve() != resume.resolve():
+                shutil.rmtree(p, ignore_errors=True)
         cfg.save(run_dir / CONFIG_NAME)
-        atomic_write_json(run_meta_path, {"identity": ident, "cot_dir": cot_path,
-                                          "local_checkpoint_dir": str(local_dir)})
+        atomic_write_json(run_dir / RUN_META_NAME, {"identity": ident, "cot_dir": cot_path,
+                                                    "local_checkpoint_dir": str(local_dir)})
     state.wait_for_everyone()
 
-    syncer = DriveSyncer(drive_ckpt_dir, keep_last=cfg.train.save_total_limit) \
-        if state.is_main_process else None
+    syncer = DriveSyncer(drive_ckpt_dir, keep_last=1, report=_say) if main else None
+    if syncer is not None and resume is not None and resume.parent.resolve() == local_dir.resolve():
+        on_drive = [s for s, _ in list_checkpoints(drive_ckpt_dir)]
+        if not on_drive or (checkpoint_step(resume) or 0) > max(on_drive):
+            syncer.submit(resume)  # newer than Drive's (e.g. a copy cut by an interrupt)
     collator = (spec.make_collator(cfg, tokenizer) if spec.make_collator
                 else PaddingCollator(tokenizer.pad_token_id,
                                      pad_to_multiple_of=8 if device.type == "cuda" else None))
     sched_cb = ScheduleCallback()
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=tokenizer, spec=spec, cfg=cfg, teacher=teacher,
-        vocab_size=len(tokenizer), guard=guard, syncer=syncer,
-        callbacks=[sched_cb, TrainingMonitor(run_dir, live_plot=live_plot)])
-    sched_cb.trainer = trainer
+    ckpt_cb = CheckpointSchedule(every_s)
+    callbacks = [sched_cb, ckpt_cb, TrainingMonitor(run_dir, live_plot=live_plot)]
+    trainer = None
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    finally:
+        trainer = DistillationTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collator,
+            processing_class=tokenizer, spec=spec, cfg=cfg, teacher=teacher,
+            vocab_size=len(tokenizer), guard=guard, syncer=syncer, callbacks=callbacks)
+        sched_cb.trainer = trainer
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        except BaseException as e:
+            if syncer is not None:  # a crash: let the copy in progress finish (bounded)
+                syncer.close(timeout=600, cancel=isinstance(e, KeyboardInterrupt))
+            raise
         if syncer is not None:
-            syncer.close(timeout=600)
+            syncer.close(cancel=True)  # the run is complete: a pending checkpoint copy is moot
+            if syncer.cancelled:
+                logger.info("cancelled the copy of %s: the run is complete",
+                            [p.name for p in syncer.cancelled])
 
-    # -- final model, summary (last) ----------------------------------------------------------
-    final_dir = run_dir / FINAL_DIR
-    if state.is_main_process:
-        tmp = run_dir / f".tmp-{FINAL_DIR}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        to_save = trainer.model
-        if cfg.train.use_lora and hasattr(to_save, "merge_and_unload"):
-            to_save = to_save.merge_and_unload()
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-        entries = read_log(run_dir / LOG_NAME)
-        last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
-        if not (run_dir / "plots" / "loss.png").is_file():
-            with contextlib.suppress(Exception):
-                save_plots(entries, run_dir / "plots")
-        frac = trainer.guard.skipped_fraction
-        summary = {
-            "method": method, "student": student_name, "seed": int(seed),
-            "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR,
-            "steps": int(trainer.state.global_step),
-            "optimizer_steps_taken": trainer.guard.steps - trainer.guard.skipped,
-            "skipped_batches": trainer.guard.skipped, "skipped_fraction": frac,
-            "skipped_reasons": trainer.guard.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
-            "final_loss": last.get("loss"), "final_ce": last.get("ce"), "final_kd": last.get("kd"),
-            "wall_time_s": time.time() - t_start, "data": stats_dict, "cot_dir": cot_path,
-            "resumed_from": str(resume) if resume is not None else None,
-            "drive_sync_failures": syncer.failures if syncer is not None else [],
-            "teacher": cfg.teacher if spec.needs_teacher else None,
-            "peak_vram_gb": vram_stats().get("vram_peak_gb"),
-        }
-        atomic_write_json(run_dir / SUMMARY_NAME, summary)
-        flag = "  <-- FLAG: >= 1% of batches skipped" if frac >= SKIP_WARN_FRACTION else ""
-        _say(f"[{method}] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
-             f"skipped {trainer.guard.skipped} ({100 * frac:.2f}%){flag}\n"
-             f"  model: {final_dir}\n  log: {run_dir / LOG_NAME}\n  plots: {run_dir / 'plots'}")
-    state.wait_for_everyone()
-    summary = read_json(run_dir / SUMMARY_NAME)
-    return TrainResult(run_dir, final_dir, summary)
-
-
-def _train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: int, *,
-                  run_dir: Path, max_steps: int, save_steps: int, force: bool,
-                  live_plot: bool) -> TrainResult:
-    """Run each stage as its own resumable run in ``{run_dir}/stage{i}``; the student of stage
-    i+1 starts from stage i's ``final/``. The parent summary points to the last stage's model."""
-    from accelerate import PartialState
-
-    t0 = time.time()
-    prev: Path | None = None
-    results = []
-    for i, stage in enumerate(spec.stages, start=1):
-        res = train(cfg, stage, student, seed, run_dir=run_dir / f"stage{i}", max_steps=max_steps,
-                    save_steps=save_steps, force=force, live_plot=live_plot, init_model=prev)
-        prev = res.final_dir
-        results.append(res)
-    last = results[-1].summary
-    summary = {
-        "method": spec.name, "student": cfg.student_name(student), "seed": int(seed),
-        "dataset": cfg.generation.dataset, "cot_dir": last.get("cot_dir"),
-        "final_model_dir": os.path.relpath(results[-1].final_dir, run_dir),
-        "steps": sum(int(r.summary["steps"]) for r in results),
-        "skipped_batches": sum(int(r.summary["skipped_batches"]) for r in results),
-        "final_loss": last.get("final_loss"), "final_ce": last.get("final_ce"),
-        "final_kd": last.get("final_kd"), "wall_time_s": time.time() - t0,
-        "stages": [{"method": s, "run_dir": os.path.relpath(r.run_dir, run_dir),
-                    "summary": r.summary} for s, r in zip(spec.stages, results, strict=True)],
-    }
-    total = sum(r.summary.get("optimizer_steps_taken", 0) + r.summary["skipped_batches"]
-                for r in results)
-    summary["skipped_fraction"] = summary["skipped_batches"] / total if total else 0.0
-    if PartialState().is_main_process:
-        cfg.save(run_dir / CONFIG_NAME)
-        atomic_write_json(run_dir / SUMMARY_NAME, summary)
-    PartialState().wait_for_everyone()
-    return TrainResult(run_dir, results[-1].final_dir, summary)
-
-
+        # -- final model (local disk), summary ------------------------------------------------
+        summary = None
+        if main:
+            to_save = trainer.model
+            if cfg.train.use_lora and hasattr(to_save, "merge_and_unload"):
+                to_save = to_save.merge_and_unload()
+            final_dtype = str(getattr(cfg.train, "final_dtype", "fp32"))
+            save_final_model(to_save, tokenizer, local_dir / FINAL_DIR, final_dtype)
+            to_save = None
+            entries = read_log(run_dir / LOG_NAME)
+            last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
+            if not (run_dir / "plots" / "loss.png").is_file():
+                with contextlib.suppress(Exception):
+                    save_plots(entries, run_dir / "plots")
+            g = trainer.guard
+            frac = g.skipped_fraction
+            summary = {
+                "method": method, "student": student_name, "seed": int(seed),
+                "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR,
+                "final_dtype": final_dtype, "steps": int(trainer.state.global_step),
+                "optimizer_steps_taken": g.steps - g.skipped,
+                "skipped_batches": g.skipped, "skipped_fraction": frac,
+                "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
+                "final_loss": last.get("loss"), "final_ce": last.get("ce"),
+                "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
+                "data": stats_dict, "cot_dir": cot_path,
+                "resumed_from": str(resume) if resume is not None else None,
+                "checkpoints_saved": ckpt_cb.saved_steps,
+                "drive_sync_failures": syncer.failures if syncer is not None else [],
+                "teacher": cfg.teacher if spec.needs_teacher else None,
+                "peak_vram_gb": vram_stats().get("vram_peak_gb"),
+            }
+        state.wait_for_everyone()
+        return summary, syncer
+    finally:
+        if trainer is not None:
+            release_trainer(trainer, callbacks)
+        # an exception's traceback keeps this frame: drop what holds the model
+        trainer = model = teacher = to_save = None  # noqa: F841
+        callbacks = sched_cb = collator = dataset = None  # noqa: F841
