@@ -13,10 +13,12 @@ from slmkd.layout import model_slug
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_PREFIX", "is_tiny_name", "load_causal_lm", "load_tokenizer", "model_slug",
-           "resolve_model_path"]
+__all__ = ["ADAPTER_CONFIG", "TINY_PREFIX", "adapter_base_path", "is_adapter_dir", "is_peft_model",
+           "is_tiny_name", "load_causal_lm", "load_tokenizer", "model_slug", "resolve_model_path"]
 
 TINY_PREFIX = "tiny-qwen2-"
+#: the file that makes a folder a peft adapter (e.g. ``stage2/adapter`` of ``cascod-2stage``)
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def is_tiny_name(name: str) -> bool:
@@ -41,6 +43,34 @@ def resolve_model_path(name: str, cfg: ExperimentConfig | None = None) -> str:
     return str(path)
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` is a local peft adapter folder (it holds ``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a peft ``PeftModel`` (has adapters that :meth:`disable_adapter` can switch off)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def adapter_base_path(adapter_dir: str | Path) -> str:
+    """The base model of a local adapter folder: ``base_model_name_or_path`` of its
+    ``adapter_config.json``. A relative value is read relative to the adapter folder first (this
+    project writes e.g. ``../../stage1/final``, so a run folder moved as a whole still loads);
+    a value that is no folder there is returned as written (a Hub name or an absolute path)."""
+    import json
+
+    cfg_file = Path(adapter_dir) / ADAPTER_CONFIG
+    base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg_file} names no base_model_name_or_path")
+    if not Path(base).is_absolute():
+        local = Path(adapter_dir) / base
+        if local.is_dir():
+            return str(local.resolve())
+    return str(base)
+
+
 _GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
@@ -63,6 +93,9 @@ def load_tokenizer(name: str, cfg: ExperimentConfig | None = None, padding_side:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_model_path(name, cfg)
+    if is_adapter_dir(path) and not any((Path(path) / f).is_file()
+                                        for f in ("tokenizer.json", "tokenizer_config.json")):
+        path = adapter_base_path(path)  # an adapter saved without its tokenizer: the base's
     if (_declared_tokenizer_class(path) in _GENERIC_TOKENIZER_CLASSES
             and (Path(path) / "tokenizer.json").is_file()):
         tok = PreTrainedTokenizerFast.from_pretrained(path)
@@ -89,7 +122,27 @@ def load_causal_lm(
     Teachers are put in eval mode with gradients disabled; with
     ``cfg.models.teacher_load_in_4bit`` they are loaded in 4-bit NF4 through bitsandbytes
     (GPU only). Dtype defaults to :func:`slmkd.runtime.pick_dtype`.
+
+    A local adapter folder (``adapter_config.json``, e.g. ``cascod-2stage``'s ``stage2/adapter``)
+    loads its base (:func:`adapter_base_path`) exactly as a plain model, then the adapter on top
+    (``peft.PeftModel.from_pretrained``; trainable only with ``for_training``). The result is a
+    ``PeftModel``: ``with model.disable_adapter():`` runs the base weights alone.
     """
+    path = resolve_model_path(name, cfg)
+    if is_adapter_dir(path):
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise RuntimeError(f"{path} is a peft adapter: pip install peft") from None
+        base = load_causal_lm(adapter_base_path(path), cfg, role=role, for_training=for_training,
+                              device=device, dtype=dtype)
+        model = PeftModel.from_pretrained(base, path, is_trainable=bool(for_training)
+                                          and role != "teacher")
+        model.to(next(base.parameters()).device)
+        if role == "teacher" or not for_training:
+            model.eval()
+            model.requires_grad_(False)
+        return model
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,7 +164,7 @@ def load_causal_lm(
             bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name, cfg), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quantized:
         model.to(device)
     if role == "teacher" or not for_training:

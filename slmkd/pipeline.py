@@ -182,7 +182,7 @@ def _error_propagation(cfg: ExperimentConfig, p: dict[str, Any]) -> None:
     import json
 
     from slmkd.data import bbh_prompts_for
-    from slmkd.evaluation import error_propagation, read_train_summary
+    from slmkd.evaluation import error_propagation, read_predictions, read_train_summary
     from slmkd.fileio import atomic_write_json
     from slmkd.modeling import load_causal_lm, load_tokenizer
 
@@ -195,7 +195,8 @@ def _error_propagation(cfg: ExperimentConfig, p: dict[str, Any]) -> None:
     res = error_propagation(model, tok, rows, answer_cue=cfg.cascod.answer_cue,
                             max_new_tokens_rationale=cfg.evaluation.max_new_tokens,
                             batch_size=cfg.evaluation.batch_size,
-                            bbh_prompts=bbh_prompts_for(cfg, p["dataset"]), show_progress=False)
+                            bbh_prompts=bbh_prompts_for(cfg, p["dataset"]), show_progress=False,
+                            own_rows=read_predictions(Path(p["out"]).with_name("predictions.jsonl"))[0])
     res.pop("rows", None)
     atomic_write_json(p["out"], res)
 

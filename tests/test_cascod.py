@@ -1,4 +1,6 @@
-"""Tests for CasCoD (slmkd.data.cot_format, slmkd.training.cascod, slmkd.generation.cascade): splitting, example masks, joint loss, cascaded inference, training."""
+"""Tests for CasCoD (slmkd.data.cot_format, slmkd.training.cascod, slmkd.training.staged,
+slmkd.generation.cascade, slmkd.evaluation.propagation): splitting, example masks, joint loss,
+cascaded inference with the stage-2 adapter, the error-propagation probe, training."""
 
 from __future__ import annotations
 
@@ -12,19 +14,12 @@ from slmkd.data.cot_format import (
     split_rationale_answer,
 )
 from slmkd.training.cascod import (
-    DEFAULT_ALPHA_CASCOD,
     build_answer_example,
     build_cascod_dataset,
     build_rationale_example,
 )
 
 # -- splitting ----------------------------------------------------------------------------------
-
-
-def test_default_alpha_is_authors_value():
-    from slmkd.config import CasCoDConfig
-
-    assert DEFAULT_ALPHA_CASCOD == 0.1 == CasCoDConfig().alpha_cascod
 
 
 @pytest.mark.parametrize(
@@ -267,12 +262,50 @@ def test_joint_loss_kd_term_on_rationale_rows(tok):
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)
 
 
+class _StubTrainer:
+    """What the cascod loss reads off the trainer: cfg, schedules, vocab size, hidden states."""
+
+    def __init__(self, cfg, vocab_size):
+        self.cfg, self.vocab_size, self.temperature, self.alpha = cfg, vocab_size, 1.0, 0.0
+
+    def student_hidden(self, model, ids, mask):
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden, model.get_output_embeddings().weight
+
+
+@pytest.mark.parametrize(("overrides", "alpha"), [({}, 0.1), ({"cascod.alpha_cascod": 0.7}, 0.7)])
+def test_cascod_training_loss_uses_the_configured_alpha(tok, overrides, alpha):
+    """The loss the trainer optimises for ``cascod`` is (1-α_c)·CE_r + α_c·CE_a with α_c from the
+    config; the default config gives the authors' 0.9 / 0.1 mix."""
+    import torch
+    from _tiny_lm import make_model
+
+    from slmkd.config import load_config
+    from slmkd.training.cascod import CasCoDCollator, _cascod_loss
+
+    recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
+             "completion": f"{i} + 4 = {i + 4}." + " ok." * i + f"\nThe answer is {i + 4}."}
+            for i in range(3)]
+    ds, _ = build_cascod_dataset(tok, recs, max_length=512, min_supervised_tokens=1)
+    batch = CasCoDCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(3)])
+    batch.pop("example_id")
+    model = make_model(tok, seed=3)
+    cfg = load_config("tiny", overrides={**overrides, "kd.max_logit_abs": 1e4}, environ={})
+    with torch.no_grad():
+        loss, m = _cascod_loss(_StubTrainer(cfg, len(tok)), model, batch, {})
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sr, nr = _direct_ce_sum(logits[:3, :, :len(tok)], batch["labels"][:3])
+    sa, na = _direct_ce_sum(logits[3:, :, :len(tok)], batch["labels"][3:])
+    torch.testing.assert_close(loss, (1 - alpha) * sr / nr + alpha * sa / na, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m["rationale_ce"], sr / nr, rtol=1e-5, atol=1e-5)
+    assert abs(float(sr / nr) - float(sa / na)) > 1e-3  # the two terms differ: α_c matters
+
+
 # -- cascaded inference --------------------------------------------------------------------------
 def test_cascaded_generate_appends_cue_then_answers(tok):
     from _tiny_lm import make_model
 
-    from slmkd.generation import cascaded_generate
-    from slmkd.generation import generate_batched
+    from slmkd.generation import cascaded_generate, generate_batched
 
     model = make_model(tok, seed=5)
     prompts = [_prompt(tok, "What is 3 + 4?"), _prompt(tok, "What is 10 + 4 + 5?")]
@@ -290,6 +323,54 @@ def test_cascaded_generate_appends_cue_then_answers(tok):
         assert o["full_text"] == r.text.strip() + "\nThe answer is" + a.text
         assert o["num_new_tokens"] == r.num_new_tokens + a.num_new_tokens
         assert o["rationale_hit_max"] == r.hit_max_new_tokens
+
+
+def _lora(model, seed=0):
+    """``model`` wrapped in a LoRA adapter whose weights are random (not the no-op init), so the
+    adapter visibly changes what the model generates."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=4, lora_alpha=64, lora_dropout=0.0, init_lora_weights=False,
+                          target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    return peft.get_peft_model(model, cfg)
+
+
+def test_cascaded_generate_rationale_from_base_answer_from_adapter(tok):
+    from _tiny_lm import make_model
+
+    from slmkd.generation import cascaded_generate, generate_batched
+
+    # a random "stage-1" model that writes varied text, and a random adapter on top of it
+    model = _lora(_lora(make_model(tok, seed=5), seed=1).merge_and_unload(), seed=11)
+    prompts = [_prompt(tok, "What is 3 + 4?"), _prompt(tok, "What is 10 + 4 + 5?"),
+               _prompt(tok, "What is 1 + 1?")]
+    kw = dict(batch_size=3, show_progress=False)
+    with model.disable_adapter():
+        base_r = generate_batched(model, tok, prompts, max_new_tokens=12, **kw)
+    adapter_r = generate_batched(model, tok, prompts, max_new_tokens=12, **kw)
+    # the toggle matters: with the adapter on the model writes other rationales
+    assert all(o.text.strip() for o in base_r)
+    assert [o.text for o in base_r] != [o.text for o in adapter_r]
+    ctx = [p + o.text.strip() + "\nThe answer is" for p, o in zip(prompts, base_r, strict=True)]
+    adapter_a = generate_batched(model, tok, ctx, max_new_tokens=5, **kw)
+    with model.disable_adapter():
+        base_a = generate_batched(model, tok, ctx, max_new_tokens=5, **kw)
+    assert [o.text for o in adapter_a] != [o.text for o in base_a]
+
+    outs = cascaded_generate(model, tok, prompts, answer_cue="The answer is",
+                             max_new_tokens_rationale=12, max_new_tokens_answer=5, **kw)
+    assert [o["rationale"] for o in outs] == [o.text.strip() for o in base_r]
+    assert [o["answer_text"] for o in outs] == [o.text for o in adapter_a]
+    # given rationales (the probe's teacher rationales): the answer step has the adapter on
+    given = cascaded_generate(model, tok, prompts, rationales=[o["rationale"] for o in outs],
+                              answer_cue="The answer is", max_new_tokens_rationale=12,
+                              max_new_tokens_answer=5, **kw)
+    assert [o["answer_text"] for o in given] == [o.text for o in adapter_a]
+    # the adapter is on again afterwards
+    again = generate_batched(model, tok, prompts, max_new_tokens=12, **kw)
+    assert [o.text for o in again] == [o.text for o in adapter_r]
 
 
 def test_error_propagation_counts(tok, monkeypatch):
@@ -332,6 +413,145 @@ def test_error_propagation_counts(tok, monkeypatch):
     assert (res["both_correct"], res["only_teacher_rationale"], res["only_own_rationale"],
             res["neither"]) == (1, 1, 0, 0)
     assert res["rows"][1]["own_rationale_pred"] == "11"
+    assert res["own_generated"] == 2 and res["own_reused"] == 0
+
+
+def test_error_propagation_reuses_stored_own_rows(tok, monkeypatch):
+    """With the student's stored evaluation rows, only the answers given the teacher's
+    rationale are generated; records without a stored row still get their own generated."""
+    import re
+
+    import slmkd.generation.cascade as gen
+    from slmkd.evaluation import error_propagation
+    from slmkd.generation import GenerationOutput
+
+    calls: list[list[str]] = []
+
+    def fake(model, tokenizer, prompts, *, max_new_tokens, batch_size, desc=None,
+             show_progress=True):
+        calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            if p.endswith("The answer is"):
+                last = re.findall(r"\d+", p.rsplit("\nThe answer is", 1)[0])[-1]
+                out.append(GenerationOutput(f" {last}.", 3, False))
+            else:
+                out.append(GenerationOutput("5 + 5 = 12.", 8, False))
+        return out
+
+    monkeypatch.setattr(gen, "generate_batched", fake)
+    recs = [{"id": str(i), "dataset": "gsm8k", "question": f"What is {i} + 5?", "gold": str(i + 5),
+             "completion": f"{i} + 5 = {i + 5}.\nThe answer is {i + 5}."} for i in range(4)]
+    # the evaluator's rows: right for 0 and 2, wrong for 1 (2 has no raw_output-free fallback)
+    stored = [{"id": "0", "raw_output": "0 + 5 = 5.\nThe answer is 5.", "rationale": "0 + 5 = 5."},
+              {"id": "1", "raw_output": "1 + 5 = 7.\nThe answer is 7.", "rationale": "1 + 5 = 7."},
+              {"id": "2", "full_text": "2 + 5 = 7.\nThe answer is 7."},
+              {"id": "99", "raw_output": "unrelated"}]
+    res = error_propagation(None, tok, recs, max_new_tokens_rationale=16, batch_size=8,
+                            show_progress=False, own_rows=stored)
+    n_gen = sum(len(c) for c in calls)
+    rationale_calls = [p for c in calls for p in c if not p.endswith("The answer is")]
+    # 4 teacher-rationale answers + record 3's own rationale and answer: 6 prompts, not 12
+    assert n_gen == 6 and len(rationale_calls) == 1 and "What is 3 + 5?" in rationale_calls[0]
+    assert res["own_reused"] == 3 and res["own_generated"] == 1
+    assert res["acc_teacher_rationale"] == 1.0
+    assert [r["own_rationale_correct"] for r in res["rows"]] == [True, False, True, False]
+    assert res["rows"][1]["own_output"] == stored[1]["raw_output"]
+    # a mapping id -> row works the same way and nothing is left to generate
+    calls.clear()
+    by_id = {r["id"]: r for r in stored} | {"3": {"raw_output": "3 + 5 = 8.\nThe answer is 8."}}
+    res2 = error_propagation(None, tok, recs, max_new_tokens_rationale=16, batch_size=8,
+                             show_progress=False, own_rows=by_id)
+    assert sum(len(c) for c in calls) == 4 and res2["own_generated"] == 0
+    assert res2["acc_own_rationale"] == 0.75
+
+
+# -- stage 2 of cascod-2stage: data -------------------------------------------------------------
+def test_stage2_dataset_mixes_student_rationales_with_gold_targets(tok):
+    from slmkd.data import Record, build_prompt
+    from slmkd.training.cascod import build_stage2_dataset, select_student_rationale_ids
+
+    # the teacher's answers are off by one (kept anyway, e.g. keep_incorrect): gold != teacher
+    recs = [{"id": f"r{i}", "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
+             "gold": str(i + 4), "completion": f"{i} + 4 = {i + 5}.\nThe answer is {i + 5}."}
+            for i in range(10)]
+    ids = [r["id"] for r in recs]
+    chosen = select_student_rationale_ids(ids, 0.5, seed=1)
+    assert len(chosen) == 5 and chosen == select_student_rationale_ids(ids[::-1], 0.5, seed=1)
+    assert select_student_rationale_ids(ids, 0.2, seed=1) < chosen  # nested across fractions
+    assert select_student_rationale_ids(ids, 0.5, seed=2) != chosen
+    assert select_student_rationale_ids(ids, 0.0, seed=1) == set()
+    student = {rid: f"{rid} student says 99." for rid in chosen}
+    ds, st = build_stage2_dataset(tok, recs, max_length=512, student_rationales=student)
+    ref, _ = build_cascod_dataset(tok, recs, max_length=512, min_supervised_tokens=1, kind="answer")
+    assert len(ds) == 10 and (st.student_rationale_rows, st.teacher_rationale_rows) == (5, 5)
+    assert st.to_dict()["student_rationale_rows"] == 5
+    for i, rec in enumerate(recs):
+        item = ds[i]
+        assert item["example_id"] == rec["id"]
+        if rec["id"] in chosen:  # q + student rationale + cue -> the gold answer
+            prompt = build_prompt(tok, Record(rec["id"], "gsm8k", None, "train", rec["question"],
+                                              rec["gold"]))
+            want = build_answer_example(tok, prompt, student[rec["id"]], rec["gold"], 512)
+            assert item["input_ids"] == want.input_ids and item["labels"] == want.labels
+            assert tok.decode(_supervised(want)[:-1]) == f" {i + 4}."
+        else:  # exactly the teacher-rationale example of the joint method
+            assert item == ref[i]
+            assert tok.decode([t for t in item["labels"] if t != -100][:-1]) == f" {i + 5}."
+
+
+def test_student_rationales_resume_without_duplicates(tok, tmp_path, monkeypatch):
+    """Generated bucket by bucket into the store; an interrupted call keeps its finished buckets,
+    a torn last line is dropped, a rerun generates only the missing ids (each id once), a
+    complete store generates nothing, and a store of another model (meta) is regenerated."""
+    import json
+
+    from slmkd import generation
+    from slmkd.generation import GenerationBatch, GenerationOutput
+    from slmkd.training.staged import ensure_student_rationales, read_student_rationales
+
+    calls: list[list[str]] = []
+    stop_after = {"buckets": None}
+
+    class Interrupted(Exception):
+        pass
+
+    def fake(model, tokenizer, prompts, *, max_new_tokens, batch_size, desc=None,
+             show_progress=True):
+        calls.append(list(prompts))
+        for b, k in enumerate(range(0, len(prompts), batch_size)):
+            if stop_after["buckets"] is not None and b >= stop_after["buckets"]:
+                raise Interrupted
+            idx = list(range(k, min(k + batch_size, len(prompts))))
+            yield GenerationBatch(idx, [GenerationOutput(f" r({prompts[i]}) ", 3, False)
+                                        for i in idx], 0.0)
+
+    monkeypatch.setattr(generation, "iter_generate_batched", fake)
+    items = [(f"id{i}", f"q{i}") for i in range(7)]
+    path = tmp_path / "stage2" / "student_rationales.jsonl"
+    kw = dict(max_new_tokens=8, batch_size=2, meta={"base": "a"}, show_progress=False)
+    stop_after["buckets"] = 2
+    with pytest.raises(Interrupted):
+        ensure_student_rationales(None, tok, items, path, **kw)
+    assert sorted(read_student_rationales(path)[0]) == ["id0", "id1", "id2", "id3"]
+    with path.open("a") as f:
+        f.write('{"id": "id4", "ratio')  # a write cut short by a crash
+    assert read_student_rationales(path)[1] == 1
+
+    stop_after["buckets"] = None
+    calls.clear()
+    out = ensure_student_rationales(None, tok, items + [("id0", "q0")], path, **kw)
+    assert calls == [["q4", "q5", "q6"]]
+    assert out == {f"id{i}": f"r(q{i})" for i in range(7)}
+    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert sorted(ids) == [f"id{i}" for i in range(7)]  # each once, no torn line
+    calls.clear()
+    assert ensure_student_rationales(None, tok, items[:3], path, **kw) == \
+        {f"id{i}": f"r(q{i})" for i in range(3)}
+    assert calls == []
+    # another stage-1 model (or decoding setting): the old store is not reused
+    out = ensure_student_rationales(None, tok, items[:3], path, **{**kw, "meta": {"base": "b"}})
+    assert calls == [["q0", "q1", "q2"]] and len(path.read_text().splitlines()) == 3
 
 
 # -- trainer registry ----------------------------------------------------------------------------
@@ -370,37 +590,36 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _cli_cascod(world, run_dir, env_extra):
-    import json
+def _subprocess_cascod(world, run_dir, env_extra, method="cascod", max_steps=6, **extra):
+    """``train(method, max_steps, save_steps=2)`` in a child process (so it can be SIGKILLed):
+    the test world's config (+ ``extra`` overrides), no CLI (the CLI's tiny profile would build
+    the real tiny world)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from _train_world import overrides
-
     repo = Path(__file__).resolve().parents[1]
-    cfg_file = run_dir.parent / "cfg.json"
-    cfg_file.parent.mkdir(parents=True, exist_ok=True)
-    cfg_file.write_text(json.dumps(overrides(world)))
+    here = Path(__file__).resolve().parent
     pp = os.pathsep.join(x for x in (str(repo), os.environ.get("PYTHONPATH", "")) if x)
     env = {**os.environ, "PYTHONPATH": pp, "OMP_NUM_THREADS": "1", **env_extra}
     for k in [k for k in env if k.startswith("SLM_KD_")]:
         env.pop(k)
-    cmd = [sys.executable, "-c", "import torch,sys; torch.set_num_threads(1); "
-           "from slmkd.training import main; sys.exit(main())",
-           "train", "--method", "cascod", "--student", "student_small", "--seed", "3",
-           "--profile", "tiny", "--config", str(cfg_file), "--run-dir", str(run_dir),
-           "--max-steps", "6", "--save-steps", "2"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import torch; "
+            "torch.set_num_threads(1); from _train_world import make_cfg; "
+            "from slmkd.training.staged import train; "
+            f"train(make_cfg({str(world)!r}, **{extra!r}), {method!r}, 'student_small', 3, "
+            f"run_dir={str(run_dir)!r}, max_steps={max_steps}, save_steps=2)")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
 def test_cascod_train_and_kill9_resume_is_bit_identical(world, tmp_path):
     import torch
 
-    from slmkd.training.monitor import read_log
     from slmkd.training import FAULT_KILL_ENV, train
+    from slmkd.training.monitor import read_log
 
     # uninterrupted reference, in process (also the end-to-end check of `cascod`)
     ref = train(_cfg(world), "cascod", "student_small", 3, run_dir=tmp_path / "ref",
@@ -416,7 +635,7 @@ def test_cascod_train_and_kill9_resume_is_bit_identical(world, tmp_path):
 
     # killed with SIGKILL at the end of step 5 (checkpoint-4 on "Drive"), then resumed
     run = tmp_path / "killed"
-    killed = _cli_cascod(world, run, {FAULT_KILL_ENV: "5"})
+    killed = _subprocess_cascod(world, run, {FAULT_KILL_ENV: "5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (run / "train_summary.json").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
@@ -442,26 +661,146 @@ def test_cascod_kd_end_to_end(world, tmp_path):
     assert (res.final_dir / "model.safetensors").is_file()
 
 
-def test_cascod_2stage_end_to_end(world, tmp_path):
+def _rationale_batch(cfg, tok, n=8):
+    """A fixed batch of rationale examples (q -> r) of the world's records."""
+    from slmkd.training.data import PaddingCollator, load_training_records
+
+    ds, _ = build_cascod_dataset(tok, load_training_records(cfg)[0][:n], max_length=128,
+                                 min_supervised_tokens=1, kind="rationale")
+    return PaddingCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+
+
+def _answer_ce(model, batch):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lab = batch["labels"][:, 1:]
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                 ignore_index=-100))
+
+
+def test_cascod_2stage_keeps_the_stage1_rationale_step(world, tmp_path):
+    """Stage 2 cannot erase stage 1: the final model's rationale step (what cascaded inference
+    runs: adapter off) computes exactly stage 1's logits, while its answer step (adapter on) has
+    learned (lower answer CE than stage 1). Fails on the first design (stage 2 = full fine-tuning
+    of the same weights on q,r→a: a plain model whose rationale logits moved)."""
     import json
+    import shutil
 
     import torch
 
-    from slmkd.training import is_run_complete, train
+    from slmkd.generation.cascade import rationale_model
+    from slmkd.modeling import load_causal_lm, load_tokenizer
+    from slmkd.training import is_run_complete
+    from slmkd.training.data import PaddingCollator, load_training_records
+    from slmkd.training.staged import train  # the entry point of staged methods
 
+    cfg = _cfg(world)
     run = tmp_path / "two"
-    res = train(_cfg(world), "cascod-2stage", "student_small", 0, run_dir=run, max_steps=2)
+    res = train(cfg, "cascod-2stage", "student_small", 0, run_dir=run, max_steps=3)
     s = res.summary
-    assert s["method"] == "cascod-2stage" and s["final_model_dir"] == "stage2/final"
-    assert res.final_dir == run / "stage2" / "final" and is_run_complete(run)
+    tok = load_tokenizer(str(run / "stage1" / "final"), cfg)
+    batch = _rationale_batch(cfg, tok)
+    kw = dict(device="cpu", dtype=torch.float32)
+    stage1 = load_causal_lm(str(run / "stage1" / "final"), cfg, **kw)
+    final = load_causal_lm(str(run / s["final_model_dir"]), cfg, **kw)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        want = stage1(input_ids=ids, attention_mask=mask).logits
+        with rationale_model(final):
+            got = final(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+    # the answer step is the trained adapter: lower CE than stage 1 on q,r -> a
+    a_ds, _ = build_cascod_dataset(tok, load_training_records(cfg)[0][:16], max_length=128,
+                                   min_supervised_tokens=1, kind="answer")
+    a_batch = PaddingCollator(tok.pad_token_id)([a_ds[i] for i in range(len(a_ds))])
+    assert _answer_ce(final, a_batch) < _answer_ce(stage1, a_batch) - 0.02
+    # cascaded inference on the loaded run: the rationales are stage 1's greedy ones
+    from slmkd.data import build_prompt
+    from slmkd.data.records import record_from_dict
+    from slmkd.generation import cascaded_generate, generate_batched
+
+    prompts = [build_prompt(tok, record_from_dict(r)) for r in load_training_records(cfg)[0][:3]]
+    outs = cascaded_generate(final, tok, prompts, max_new_tokens_rationale=8,
+                             max_new_tokens_answer=4, batch_size=3, show_progress=False)
+    r1 = generate_batched(stage1, tok, prompts, max_new_tokens=8, batch_size=3, show_progress=False)
+    assert [o["rationale"] for o in outs] == [o.text.strip() for o in r1]
+
+    # layout: stage1/final + stage2/adapter (base recorded relative to the adapter folder)
+    assert s["final_model_dir"] == "stage2/adapter" and is_run_complete(run)
     assert [st["method"] for st in s["stages"]] == ["cascod-stage1", "cascod-stage2"]
-    for i in (1, 2):
-        assert is_run_complete(run / f"stage{i}")
-    # stage 2 starts from stage 1's final weights and trains further
-    ident = json.loads((run / "stage2" / "run.json").read_text())["identity"]
-    assert ident["init_model"] == str(run / "stage1" / "final")
-    w1, w2 = _weights(run / "stage1" / "final"), _weights(run / "stage2" / "final")
-    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    adapter_cfg = json.loads((run / "stage2" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "../../stage1/final"
+    s2 = s["stages"][1]["summary"]
+    assert s2["adapter"]["learning_rate"] == cfg.cascod.stage2_learning_rate != cfg.train.learning_rate
+    assert s2["steps"] == 3 and s2["data"]["student_rationale_rows"] == 24  # 0.5 of 48
+    stored = (run / "stage2" / "student_rationales.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["id"] for line in stored}) == len(stored) == 24
     # rerunning a complete run does nothing
-    again = train(_cfg(world), "cascod-2stage", "student_small", 0, run_dir=run, max_steps=2)
-    assert again.summary["steps"] == s["steps"] == 4
+    again = train(cfg, "cascod-2stage", "student_small", 0, run_dir=run, max_steps=3)
+    assert again.summary["steps"] == s["steps"] == 6
+    # another stage-2 setting retrains stage 2 only (with --force), on the stored rationales
+    from slmkd.training import RunConfigMismatchError
+
+    cfg2 = _cfg(world, **{"cascod.stage2_learning_rate": 1e-3})
+    with pytest.raises(RunConfigMismatchError, match="stage2_learning_rate"):
+        train(cfg2, "cascod-2stage", "student_small", 0, run_dir=run, max_steps=3)
+    before = (run / "stage2" / "student_rationales.jsonl").read_text()
+    redo = train(cfg2, "cascod-2stage", "student_small", 0, run_dir=run, max_steps=3, force=True)
+    r1, r2 = (st["summary"] for st in redo.summary["stages"])
+    assert r1["wall_time_s"] == s["stages"][0]["summary"]["wall_time_s"]  # stage 1 untouched
+    assert r2["adapter"]["learning_rate"] == 1e-3 and r2["wall_time_s"] != s2["wall_time_s"]
+    assert (run / "stage2" / "student_rationales.jsonl").read_text() == before
+    final = load_causal_lm(str(run / s["final_model_dir"]), cfg, **kw)
+
+    # a run folder moved as a whole (a Drive folder renamed) still loads as stage 1 + adapter
+    moved = tmp_path / "elsewhere" / "two"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    m2 = load_causal_lm(str(moved / s["final_model_dir"]), cfg, **kw)
+    with torch.no_grad():
+        assert torch.equal(m2(input_ids=ids, attention_mask=mask).logits,
+                           final(input_ids=ids, attention_mask=mask).logits)
+    assert load_tokenizer(str(moved / s["final_model_dir"]), cfg)("3 + 4")["input_ids"] == \
+        tok("3 + 4")["input_ids"]
+
+
+@pytest.mark.slow
+def test_cascod_2stage_adapter_stage_kill9_resume_is_bit_identical(world, tmp_path):
+    """Stage 2 (the adapter) killed with SIGKILL mid-way resumes from its checkpoint to the same
+    adapter as an uninterrupted run; the stored student rationales are reused, not redone."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from slmkd.training import FAULT_KILL_ENV
+    from slmkd.training.staged import train
+
+    extra = {"cascod.stage2_max_steps": 6}  # stage 1: 2 steps, so only stage 2 reaches step 5
+    ref = train(_cfg(world, **extra), "cascod-2stage", "student_small", 3,
+                run_dir=tmp_path / "ref", max_steps=2, save_steps=2)
+    assert ref.summary["stages"][1]["summary"]["steps"] == 6
+    run = tmp_path / "killed"
+    killed = _subprocess_cascod(world, run, {FAULT_KILL_ENV: "5"}, method="cascod-2stage",
+                                max_steps=2, **extra)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (run / "stage1" / "train_summary.json").is_file()
+    assert not (run / "stage2" / "train_summary.json").exists()
+    assert (run / "stage2" / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
+    store = run / "stage2" / "student_rationales.jsonl"
+    before = store.read_text()
+    res = train(_cfg(world, **extra), "cascod-2stage", "student_small", 3, run_dir=run,
+                max_steps=2, save_steps=2)
+    s2 = res.summary["stages"][1]["summary"]
+    assert s2["resumed_from"].endswith("checkpoint-4") and s2["steps"] == 6
+    assert store.read_text() == before
+    w = load_file(str(res.final_dir / "adapter_model.safetensors"))
+    w_ref = load_file(str(ref.final_dir / "adapter_model.safetensors"))
+    assert w.keys() == w_ref.keys() and w
+    for k in w:
+        assert torch.equal(w[k], w_ref[k]), k
+    assert json.loads((res.final_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "../../stage1/final"

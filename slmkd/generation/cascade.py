@@ -1,18 +1,32 @@
 """CasCoD's cascaded inference: rationale first, then the answer conditioned on it.
 
-It is generation, not training: the evaluator, the error-propagation probe and stage 2's
-training-data builder all call it.
+It is generation, not training: the evaluator and the error-propagation probe call it.
+
+A ``cascod-2stage`` student is a ``PeftModel``: the frozen stage-1 model (which writes the
+rationale) plus the stage-2 adapter (which reads the answer off it). :func:`cascaded_generate`
+generates the rationale with the adapter switched off (:func:`rationale_model`) and the answer
+with it on; plain models are used as they are for both steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from slmkd.data.cot_format import DEFAULT_ANSWER_CUE, join_rationale_cue
 from slmkd.generation.batched import generate_batched
+from slmkd.modeling import is_peft_model
 
-__all__ = ["cascaded_generate"]
+__all__ = ["cascaded_generate", "rationale_model"]
+
+
+def rationale_model(model: Any) -> contextlib.AbstractContextManager:
+    """The context of the rationale step: ``model.disable_adapter()`` for a peft model (inside
+    it the model computes exactly its base weights), a no-op for a plain model."""
+    if is_peft_model(model):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
 
 
 def cascaded_generate(
@@ -34,7 +48,9 @@ def cascaded_generate(
        chat-templated prompt;
     2. ``a = greedy(q + r + "\\n" + cue)`` until EOS (or ``max_new_tokens_answer``).
 
-    With ``rationales`` given (e.g. the teacher's), step 1 is skipped and those are used instead
+    For a peft model step 1 runs with the adapter off (:func:`rationale_model`: the stage-1
+    weights of ``cascod-2stage``) and step 2 with it on. With ``rationales`` given (e.g. the
+    teacher's), step 1 is skipped and those are used instead
     (the error-propagation probe). Returns, in prompt order, dicts with ``rationale``,
     ``answer_text`` (the generated continuation after the cue), ``full_text``
     (``r + "\\n" + cue + answer_text``: what answer extraction reads),
@@ -44,9 +60,11 @@ def cascaded_generate(
     """
     prompts = list(prompts)
     if rationales is None:
-        r_out = generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens_rationale,
-                                 batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
-                                 show_progress=show_progress)
+        with rationale_model(model):
+            r_out = generate_batched(model, tokenizer, prompts,
+                                     max_new_tokens=max_new_tokens_rationale,
+                                     batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
+                                     show_progress=show_progress)
         rats = [o.text.strip() for o in r_out]
         r_hit = [o.hit_max_new_tokens for o in r_out]
         r_n = [o.num_new_tokens for o in r_out]
