@@ -313,7 +313,15 @@ panel = config_panel(cfg, method="cascod")
 * **The answer cue** (`cascod.answer_cue`, "The answer is") marks where rationale ends;
   completions without it cannot be split and are skipped (counted in the run's data stats).
 * The guards of notebook 02 apply unchanged: logit clamp, skipped low-token and non-finite
-  steps, three seeds."""),
+  steps, three seeds.
+* **`cascod-2stage` keeps stage 1:** stage 1 trains question → rationale; stage 2 is a separate
+  LoRA adapter on the *frozen* stage-1 model, trained on question + rationale → answer with the
+  teacher's rationales mixed with the stage-1 student's own greedy ones
+  (`cascod.stage2_student_rationale_fraction`, targets: the gold answer), so the answer step learns
+  to read the rationales it will actually see. Cascaded inference writes the rationale with the
+  adapter off and the answer with it on; the run's model is `stage1/final` + `stage2/adapter`.
+* Notebook 04 measures, per CasCoD run, the answer accuracy given the teacher's rationale vs the
+  student's own (the error-propagation gap); the report shows it per method."""),
         code('''
 from slmkd.notebook import train_grid
 
@@ -376,6 +384,20 @@ for ds in cfg.evaluation.datasets:
         code('''
 for s in summaries:
     print(format_summary_line(s))
+'''),
+        code('''
+from slmkd.pipeline import error_propagation_for_run
+
+# CasCoD runs: answer accuracy given the teacher's rationale vs the student's own (reuses the
+# predictions above; only the answers given the teacher's rationales are generated)
+if EVAL_TEACHER:
+    for run_dir in run_dirs:
+        if "cascod" in run_dir.parts[-3]:
+            for ds in cfg.evaluation.datasets:
+                ep = error_propagation_for_run(cfg, run_dir, ds)
+                print(f"{run_dir.parts[-3]} {run_dir.parts[-2]} {run_dir.name} {ds}: given the "
+                      f"teacher's rationale {ep['acc_teacher_rationale']:.1%}, own "
+                      f"{ep['acc_own_rationale']:.1%}, gap {ep['propagation_gap']:+.1%}")
 '''),
         md(NEXT.format(nb="05_report", what="tables, paired statistics and figures")),
     ]

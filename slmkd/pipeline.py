@@ -201,6 +201,25 @@ def _error_propagation(cfg: ExperimentConfig, p: dict[str, Any]) -> None:
     atomic_write_json(p["out"], res)
 
 
+def error_propagation_for_run(cfg: ExperimentConfig, run_dir: str | Path, dataset: str,
+                              force: bool = False) -> dict[str, Any]:
+    """Answer accuracy of a CasCoD run given the teacher's rationale vs its own, on the evaluation
+    items (needs the run's and the teacher's ``predictions.jsonl``: notebook 04). Written to
+    ``eval/{run}/{dataset}/error_propagation.json``; returns it."""
+    from slmkd.evaluation import read_train_summary
+    from slmkd.fileio import read_json
+    from slmkd.layout import eval_dir, model_slug, run_model_slug
+
+    s = read_train_summary(run_dir)
+    out = eval_dir(cfg, run_model_slug(s["method"], s["student"], s["seed"]), dataset) / \
+        "error_propagation.json"
+    if force or not out.is_file():
+        _error_propagation(cfg, {"run_dir": run_dir, "dataset": dataset, "out": out,
+                                 "teacher_preds": eval_dir(cfg, model_slug(cfg.teacher), dataset)
+                                 / "predictions.jsonl"})
+    return read_json(out)
+
+
 def _run_job_in_worker(cfg_dict: dict[str, Any], stages: list[Stage]) -> list[str]:
     """Worker-process entry: run one run's stages (train, then its evaluations) in order."""
     from slmkd.config import config_from_dict
