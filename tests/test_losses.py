@@ -8,7 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkd.losses import KDLossOutput, default_chunk_size, fused_kd_loss, kd_loss
+from slmkd import losses as losses_mod
+from slmkd.losses import engine as losses_engine
+from slmkd.losses import (
+    KDLossOutput,
+    default_chunk_size,
+    fused_cascod_loss,
+    fused_kd_loss,
+    fused_topk_kd_loss,
+    kd_loss,
+    teacher_topk_from_logits,
+)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -201,9 +211,18 @@ def test_invalid_arguments():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(151_936) == 110
-    assert default_chunk_size(1000) == 1024
-    assert default_chunk_size(10**9) == 16
+    # CUDA (and device=None, what the planner plans for): at least 1,024 rows
+    for dev in (None, "cuda", torch.device("cuda", 0)):
+        assert default_chunk_size(151_936, dev) == 1024
+        assert default_chunk_size(152_064, dev) == 1024
+        assert default_chunk_size(1000, dev) == 16384
+        assert default_chunk_size(10**9, dev) == 1024
+    assert default_chunk_size(151_936) == 1024  # backward-compatible positional call
+    # CPU: from the measurement (benchmarks/RESULTS.md)
+    assert default_chunk_size(151_936, "cpu") == 1024
+    assert default_chunk_size(1000, torch.device("cpu")) == losses_mod.CPU_MAX_CHUNK_ROWS
+    assert default_chunk_size(1_000_000, "cpu") == (1 << 28) // 1_000_000
+    assert default_chunk_size(10**9, "cpu") == 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +236,9 @@ def test_clamp_gradient_is_zero_where_clamped_and_counts_nonfinite():
         s[0, 1, 3] = float("nan")
         s[1, 2, 4] = float("-inf")
         t[1, 3, 5] = float("inf")
-    out = kd_loss(s, t, labels, temperature=2.0)
-    assert out.num_nonfinite == 3
+    out = kd_loss(s, t, labels, temperature=2.0, nonfinite="sanitize")
+    assert out.num_nonfinite == 3  # rows: student (0, 1), (1, 2); teacher (1, 3)
+    assert out.num_nonfinite_student == 2 and out.num_nonfinite_teacher == 1
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(s.grad).all()
@@ -392,3 +412,357 @@ def test_fused_only_weight_or_only_hidden_requires_grad():
     with torch.no_grad():
         out = fused_kd_loss(h, w, hT, wT, labels)
     assert not out.loss.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite logits: "report" (default) and "sanitize"
+# ---------------------------------------------------------------------------------------------
+def _poisoned_logits():
+    s, t = logits_case(13, 13, scale=1.0)
+    labels = make_labels(2, 9, 13, p_ignore=0.0)
+    with torch.no_grad():
+        s[0, 0, 2] = 1e4  # finite: clamped, not counted
+        s[0, 1, 3] = float("nan")
+        s[1, 2, 4] = float("-inf")
+        t[1, 3, 5] = float("inf")
+    return s, t, labels
+
+
+def test_report_mode_nan_loss_counts_and_clean_gradient():
+    s, t, labels = _poisoned_logits()
+    out = kd_loss(s, t, labels, temperature=2.0)  # nonfinite="report" is the default
+    assert torch.isnan(out.loss) and torch.isnan(out.ce) and torch.isnan(out.kd)
+    assert (out.num_nonfinite_student, out.num_nonfinite_teacher, out.num_nonfinite) == (2, 1, 3)
+    out.loss.backward()  # must not raise
+    assert torch.isfinite(s.grad).all()
+    bad = [(0, 1), (1, 2), (1, 3)]
+    for b, i in bad:
+        assert float(s.grad[b, i].abs().sum()) == 0.0
+    # every other row: the same gradient as the sanitised loss (rows are independent)
+    s2 = s.detach().clone().requires_grad_()
+    kd_loss(s2, t, labels, temperature=2.0, nonfinite="sanitize").loss.backward()
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    for b, i in bad:
+        keep[b, i] = False
+    torch.testing.assert_close(s.grad[keep], s2.grad[keep], rtol=0, atol=0)
+    assert float(s.grad[0, 0, 2]) == 0.0  # clamp active at the finite 1e4
+
+
+@pytest.mark.parametrize("nonfinite", ["report", "sanitize"])
+def test_finite_extreme_logits_are_finite_and_correct(nonfinite):
+    s, t = logits_case(13, 13, scale=1.0)
+    labels = make_labels(2, 9, 13, p_ignore=0.0)
+    with torch.no_grad():
+        s[0, 0, 2], s[1, 1, 5], s[0, 4, 0] = 1e4, -1e4, 7e3
+        t[1, 3, 5], t[0, 2, 1] = 1e4, -1e4
+    out = kd_loss(s, t, labels, temperature=2.0, nonfinite=nonfinite, chunk_size=4)
+    assert out.num_nonfinite == 0 and torch.isfinite(out.loss)
+    s64 = s.detach().double().requires_grad_()
+    ref, *_ = reference(s64, t, labels, temperature=2.0)  # reference clamps to ±50
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    ref.backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    assert float(s.grad[0, 0, 2]) == 0.0 and float(s.grad[1, 1, 5]) == 0.0
+
+
+def test_teacher_nan_hidden_is_reported_not_trained_on():
+    h, w, hT, wT = fused_case(37, 37)
+    labels = make_labels(2, 9, 37, p_ignore=0.0)
+    hT = hT.clone()
+    hT[1, 3] = float("nan")  # a supervised position: every teacher logit of that row is NaN
+    out = fused_kd_loss(h, w, hT, wT, labels, temperature=2.0, alpha=0.5, chunk_size=4)
+    assert torch.isnan(out.loss)
+    assert (out.num_nonfinite_teacher, out.num_nonfinite_student, out.num_nonfinite) == (1, 0, 1)
+    out.loss.backward()  # gradients are irrelevant (the step is skipped) but must not raise
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert float(h.grad[1, 3].abs().sum()) == 0.0
+    gh_report = h.grad.clone()
+    # sanitize = the old behaviour: NaN -> -M in every column, i.e. a uniform teacher target
+    h.grad = w.grad = None
+    out = fused_kd_loss(h, w, hT, wT, labels, temperature=2.0, alpha=0.5, chunk_size=4,
+                        nonfinite="sanitize")
+    assert torch.isfinite(out.loss) and out.num_nonfinite_teacher == 1
+    out.loss.backward()
+    t_old = hT.double() @ wT.double().T
+    t_old[1, 3] = -50.0
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    ref, *_ = reference(h64 @ w64.T, t_old, labels, temperature=2.0, alpha=0.5)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 3] = False
+    torch.testing.assert_close(gh_report[keep], h.grad[keep], rtol=1e-6, atol=1e-8)
+
+
+def test_student_nan_hidden_is_reported():
+    h, w, hT, wT = fused_case(37, 37)
+    labels = make_labels(2, 9, 37, p_ignore=0.0)
+    with torch.no_grad():
+        h[0, 2] = float("nan")
+    out = fused_kd_loss(h, w, hT, wT, labels, chunk_size=5)
+    assert torch.isnan(out.loss)
+    assert (out.num_nonfinite_student, out.num_nonfinite_teacher) == (1, 0)
+    out.loss.backward()
+    assert torch.isfinite(w.grad).all()
+    with pytest.raises(ValueError):
+        fused_kd_loss(h, w, hT, wT, labels, nonfinite="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# no per-chunk host sync; weights upcast once
+# ---------------------------------------------------------------------------------------------
+_SYNC_METHODS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero",
+                 "cpu", "numpy")
+
+
+def _count_syncs(monkeypatch, fn) -> int:
+    """Calls of the tensor methods that read device data on the host while ``fn`` runs."""
+    calls = [0]
+    for name in _SYNC_METHODS:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            calls[0] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return calls[0]
+
+
+def _sync_cases():
+    h, w, hT, wT = fused_case(37, 45, b=4, t=12)
+    labels = make_labels(4, 12, 37, p_ignore=0.2)
+    s, t = logits_case(37, 45, b=4, t=12)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(37, generator=g)[:5] for _ in range(n)]).int()
+    vals = torch.randn(n, 5, generator=g).half()
+    logz = torch.logsumexp(vals.float(), -1) + 1.0
+    return {
+        "kd_loss": lambda c: kd_loss(s, t, labels, temperature=2.0, chunk_size=c),
+        "fused_kd_loss": lambda c: fused_kd_loss(h, w, hT, wT, labels, temperature=2.0,
+                                                 chunk_size=c),
+        "fused_cascod_loss": lambda c: fused_cascod_loss(
+            h, w, labels, 2, alpha_cascod=0.3, teacher_hidden=hT[:2], teacher_lm_head_weight=wT,
+            temperature=2.0, alpha=0.5, num_rationale_tokens=torch.tensor(20), chunk_size=c),
+        "fused_topk_kd_loss": lambda c: fused_topk_kd_loss(h, w, labels, ids, vals, logz,
+                                                           temperature=2.0, chunk_size=c),
+    }
+
+
+@pytest.mark.parametrize("name", ["kd_loss", "fused_kd_loss", "fused_cascod_loss",
+                                  "fused_topk_kd_loss"])
+def test_no_host_sync_per_chunk(monkeypatch, name):
+    fn = _sync_cases()[name]
+
+    def call(chunk):
+        def run():
+            out = fn(chunk)
+            out.loss.backward()
+        return run
+
+    one = _count_syncs(monkeypatch, call(10**6))  # one chunk
+    many = _count_syncs(monkeypatch, call(2))  # ~20 chunks
+    assert many == one, f"{name}: {one} host reads with 1 chunk, {many} with ~20 chunks"
+    assert one <= 6
+
+
+def test_weight_upcast_once_per_call(monkeypatch):
+    monkeypatch.setattr(losses_engine, "_has_out_dtype_mm", lambda device: False)  # CPU path
+    h, w, hT, wT = fused_case(37, 45, dtype=torch.bfloat16, t=16)
+    labels = make_labels(2, 16, 37)
+    owner = {w.untyped_storage().data_ptr(): "student", wT.untyped_storage().data_ptr(): "teacher"}
+    counts = {"student": 0, "teacher": 0}
+    orig = torch.Tensor.to
+
+    def to(self, *a, **k):
+        res = orig(self, *a, **k)
+        key = owner.get(self.untyped_storage().data_ptr())
+        if key is not None and res.dtype != self.dtype:
+            counts[key] += 1
+        return res
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    out = fused_kd_loss(h, w, hT, wT, labels, temperature=2.0, chunk_size=3)  # 6 chunks
+    out.loss.backward()
+    monkeypatch.undo()
+    assert counts == {"student": 1, "teacher": 1}
+    loss, _, _, gh, gw = fused_reference(h, w, hT, wT, labels, temperature=2.0)
+    assert abs(float(out.loss.detach()) - float(loss)) <= 1e-2 * abs(float(loss))
+    assert rel_err(h.grad, gh) <= 1e-2 and rel_err(w.grad, gw) <= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# row weights, divisor groups, partial teacher; CasCoD in one call
+# ---------------------------------------------------------------------------------------------
+def weighted_reference(h, w, hT, wT, labels, *, temperature, alpha, row_weights, row_groups,
+                       divisors, vocab_size=None, m=50.0):
+    """fp64 naive: loss = Σ_i c_i [(1-α_i) CE_i + α_i KD_i], c_i = w_b / D_g (None = local)."""
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    bsz = labels.shape[0]
+    v = vocab_size or (w.shape[0] if wT is None else min(w.shape[0], wT.shape[0]))
+    y = labels[:, 1:]
+    mask = y != IGNORE
+    b_idx = torch.arange(bsz)[:, None].expand_as(y)[mask]
+    zs = (h64 @ w64.T)[:, :-1][mask][:, :v].clamp(-m, m)
+    ce = F.cross_entropy(zs, y[mask], reduction="none")
+    kd = torch.zeros_like(ce)
+    has_t = torch.zeros_like(ce, dtype=torch.bool)
+    if hT is not None:
+        bt = hT.shape[0]
+        full_t = torch.zeros(bsz, *hT.shape[1:], dtype=torch.float64)
+        full_t[:bt] = hT.double()
+        vt = min(v, wT.shape[0])
+        zt = (full_t @ wT.double().T)[:, :-1][mask][:, :vt].clamp(-m, m)
+        if vt < v:
+            zt = torch.cat([zt, zt.new_full((zt.shape[0], v - vt), -math.inf)], -1)
+        lp = torch.log_softmax(zt / temperature, -1)
+        lq = torch.log_softmax(zs / temperature, -1)
+        p = lp.exp()
+        kd = temperature**2 * torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+        has_t = b_idx < bt
+    g_idx = torch.as_tensor(row_groups)[b_idx]
+    counts = torch.bincount(g_idx, minlength=len(divisors))
+    d = torch.tensor([float(c) if x is None else float(x) for x, c in zip(divisors, counts)],
+                     dtype=torch.float64).clamp_min(1.0)
+    coef = torch.as_tensor(row_weights, dtype=torch.float64)[b_idx] / d[g_idx]
+    a = has_t.double() * alpha
+    kd = torch.where(has_t, kd, torch.zeros_like(kd))
+    loss = (coef * ((1 - a) * ce + a * kd)).sum()
+    loss.backward()
+    gce = torch.zeros(len(divisors), dtype=torch.float64).index_add_(0, g_idx, ce.detach()) / d
+    gkd = torch.zeros(len(divisors), dtype=torch.float64).index_add_(0, g_idx, kd.detach()) / d
+    return {"loss": loss.detach(), "ce": (coef * ce).sum().detach(),
+            "kd": (coef * kd).sum().detach(), "group_ce": gce, "group_kd": gkd,
+            "group_tokens": tuple(int(c) for c in counts), "gh": h64.grad, "gw": w64.grad}
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.3), (3.0, 1.0)])
+@pytest.mark.parametrize("bt", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_row_weights_groups_partial_teacher(temperature, alpha, bt, dtype):
+    g = torch.Generator().manual_seed(bt)
+    h, w, hT, wT = fused_case(37, 45, b=5, t=8, dtype=dtype, seed=bt)
+    hT = hT[:bt]
+    labels = make_labels(5, 8, 37, seed=bt)
+    weights = (torch.rand(5, generator=g, dtype=torch.float64) + 0.2).tolist()
+    groups = [0, 2, 1, 0, 2]
+    divisors = [None, 17, None]
+    out = fused_kd_loss(h, w, hT, wT, labels, temperature=temperature, alpha=alpha,
+                        row_weights=weights, row_groups=torch.tensor(groups),
+                        num_items_in_batch=divisors, chunk_size=3)
+    out.loss.backward()
+    ref = weighted_reference(h, w, hT, wT, labels, temperature=temperature, alpha=alpha,
+                             row_weights=weights, row_groups=groups, divisors=divisors)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5,
+                                                                         "atol": 1e-7}
+    for key in ("loss", "ce", "kd", "group_ce", "group_kd"):
+        torch.testing.assert_close(getattr(out, key).double(), ref[key], **tol)
+    assert out.group_tokens == ref["group_tokens"]
+    assert out.num_tokens == sum(ref["group_tokens"])
+    torch.testing.assert_close(h.grad.double(), ref["gh"], **tol)
+    torch.testing.assert_close(w.grad.double(), ref["gw"], **tol)
+
+
+def test_fused_weighted_directional_finite_differences():
+    """gradcheck-style: <grad, u> against a central difference of our own fp64 loss."""
+    h, w, hT, wT = fused_case(11, 13, hs=5, ht=4, b=3, t=6, dtype=torch.float64, seed=3)
+    labels = make_labels(3, 6, 11, seed=3)
+
+    def f(hh, ww):
+        return fused_kd_loss(hh, ww, hT[:2], wT, labels, temperature=2.0, alpha=0.4,
+                             row_weights=[0.7, 0.7, 0.3], row_groups=[0, 0, 1],
+                             num_items_in_batch=[None, 9], chunk_size=2).loss
+
+    gh, gw = torch.autograd.grad(f(h, w), (h, w))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        uh = torch.randn(h.shape, generator=g, dtype=torch.float64)
+        uw = torch.randn(w.shape, generator=g, dtype=torch.float64)
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (f(h + eps * uh, w + eps * uw) - f(h - eps * uh, w - eps * uw)) / (2 * eps)
+        an = (gh * uh).sum() + (gw * uw).sum()
+        assert abs(float(fd) - float(an)) <= 1e-6 * max(1.0, abs(float(an)))
+
+
+def _old_two_call_cascod(h, w, labels, b, *, ac, hT=None, wT=None, temperature=1.0, kd_alpha=0.0,
+                         nr=None, na=None, chunk_size=None):
+    """What slmkd.training.cascod.cascod_joint_loss computed before fused_cascod_loss."""
+    r = fused_kd_loss(h[:b], w, hT, wT, labels[:b], temperature=temperature,
+                      alpha=kd_alpha if hT is not None else 0.0, num_items_in_batch=nr,
+                      chunk_size=chunk_size)
+    a = fused_kd_loss(h[b:], w, None, None, labels[b:], temperature=1.0, alpha=0.0,
+                      num_items_in_batch=na, chunk_size=chunk_size)
+    return (1 - ac) * r.loss + ac * a.loss, r, a
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+@pytest.mark.parametrize("counts", [(None, None), (23, 31)])
+def test_cascod_one_call_equals_two_calls(with_teacher, counts):
+    b = 3
+    h, w, hT, wT = fused_case(41, 45, b=2 * b, t=9, seed=11)
+    labels = make_labels(2 * b, 9, 41, seed=12)
+    hT = hT[:b] if with_teacher else None
+    wT = wT if with_teacher else None
+    kd_alpha = 0.5 if with_teacher else 0.0
+    nr, na = counts
+    out = fused_cascod_loss(h, w, labels, b, alpha_cascod=0.3, teacher_hidden=hT,
+                            teacher_lm_head_weight=wT, temperature=2.0, alpha=kd_alpha,
+                            num_rationale_tokens=nr, num_answer_tokens=na, chunk_size=4)
+    gh1, gw1 = torch.autograd.grad(out.loss, (h, w))
+    old, r, a = _old_two_call_cascod(h, w, labels, b, ac=0.3, hT=hT, wT=wT, temperature=2.0,
+                                     kd_alpha=kd_alpha, nr=nr, na=na, chunk_size=4)
+    gh2, gw2 = torch.autograd.grad(old, (h, w))
+    torch.testing.assert_close(out.loss, old, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gh1, gh2, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(out.group_ce, torch.stack([r.ce, a.ce]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.group_kd[0], r.kd, rtol=1e-6, atol=1e-7)
+    assert float(out.group_kd[1]) == 0.0
+    assert out.group_tokens == (r.num_tokens, a.num_tokens)
+    rationale_loss = (1 - kd_alpha) * out.group_ce[0] + kd_alpha * out.group_kd[0]
+    torch.testing.assert_close(rationale_loss, r.loss.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.ce, 0.7 * r.ce + 0.3 * a.ce, rtol=1e-6, atol=1e-7)
+
+
+def test_cascod_fp64_reference_and_validation():
+    b = 2
+    h, w, hT, wT = fused_case(29, 33, b=2 * b, t=7, dtype=torch.float64, seed=4)
+    labels = make_labels(2 * b, 7, 29, seed=5)
+    out = fused_cascod_loss(h, w, labels, b, alpha_cascod=0.25, teacher_hidden=hT[:b],
+                            teacher_lm_head_weight=wT, temperature=2.0, alpha=0.6,
+                            num_answer_tokens=40, chunk_size=3)
+    out.loss.backward()
+    ref = weighted_reference(h, w, hT[:b], wT, labels, temperature=2.0, alpha=0.6,
+                             row_weights=[0.75, 0.75, 0.25, 0.25], row_groups=[0, 0, 1, 1],
+                             divisors=[None, 40])
+    torch.testing.assert_close(out.loss, ref["loss"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h.grad, ref["gh"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref["gw"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError):
+        fused_cascod_loss(h, w, labels, 3, alpha_cascod=0.3)
+    with pytest.raises(ValueError):
+        fused_cascod_loss(h, w, labels, b, alpha_cascod=1.3)
+    with pytest.raises(ValueError):  # the teacher covers the rationale rows only
+        fused_cascod_loss(h, w, labels, b, alpha_cascod=0.3, teacher_hidden=hT,
+                          teacher_lm_head_weight=wT, alpha=0.5)
+    with pytest.raises(ValueError):
+        fused_kd_loss(h, w, None, None, labels, alpha=0.0, row_groups=[0, 3, 1, 0],
+                      num_items_in_batch=[3, 4, 5])
+    with pytest.raises(ValueError):
+        fused_kd_loss(h, w, None, None, labels, alpha=0.0, row_weights=[1.0, 2.0])
+
+
+def test_topk_helper_exported():
+    # the top-k loss and the cache helper live in slmkd.losses (tests: tests/test_topk_loss.py)
+    assert callable(fused_topk_kd_loss) and callable(teacher_topk_from_logits)
