@@ -488,6 +488,7 @@ def cascod_joint_loss(
     num_rationale_tokens: Any = None,
     num_answer_tokens: Any = None,
     chunk_size: int | None = None,
+    nonfinite: str = "report",
 ) -> CasCoDLossOutput:
     """``L = (1 - α_c)·L_r + α_c·L_a`` on a stacked batch (rows ``< B`` rationale, ``≥ B`` answer).
 
@@ -501,7 +502,7 @@ def cascod_joint_loss(
     :func:`slmkd.losses.fused_kd_loss` (α = ``kd_alpha``, T = ``temperature``), computed on the
     rationale rows only: the teacher's own rationale tokens.
     """
-    from slmkd.losses import fused_kd_loss
+    from slmkd.losses import fused_cascod_loss
 
     b = int(num_rationale_rows)
     if student_hidden.shape[0] != 2 * b or labels.shape[0] != 2 * b:
@@ -509,20 +510,21 @@ def cascod_joint_loss(
                          f"{tuple(student_hidden.shape)} and labels {tuple(labels.shape)}")
     if not 0.0 <= alpha_cascod <= 1.0:
         raise ValueError(f"alpha_cascod={alpha_cascod} must lie in [0, 1]")
-    kw = _fused_kwargs(chunk_size)
     use_kd = teacher_hidden is not None
-    r = fused_kd_loss(student_hidden[:b], student_weight, teacher_hidden if use_kd else None,
-                      teacher_weight if use_kd else None, labels[:b], temperature=temperature,
-                      alpha=kd_alpha if use_kd else 0.0, max_logit_abs=max_logit_abs,
-                      vocab_size=vocab_size, num_items_in_batch=num_rationale_tokens, **kw)
-    a = fused_kd_loss(student_hidden[b:], student_weight, None, None, labels[b:],
-                      temperature=1.0, alpha=0.0, max_logit_abs=max_logit_abs,
-                      vocab_size=vocab_size, num_items_in_batch=num_answer_tokens, **kw)
-    loss = (1.0 - alpha_cascod) * r.loss + alpha_cascod * a.loss
+    # one fused call over the stacked rows: one pass over the lm head, one grad_W accumulator
+    out = fused_cascod_loss(
+        student_hidden, student_weight, labels, b, alpha_cascod=alpha_cascod,
+        teacher_hidden=teacher_hidden if use_kd else None,
+        teacher_lm_head_weight=teacher_weight if use_kd else None, temperature=temperature,
+        alpha=kd_alpha if use_kd else 0.0, max_logit_abs=max_logit_abs, vocab_size=vocab_size,
+        num_rationale_tokens=num_rationale_tokens, num_answer_tokens=num_answer_tokens,
+        chunk_size=chunk_size, nonfinite=nonfinite)
+    a = kd_alpha if use_kd else 0.0
     return CasCoDLossOutput(
-        loss=loss, rationale_loss=r.loss, rationale_ce=r.ce, answer_ce=a.ce, kd=r.kd,
-        rationale_tokens=r.num_tokens, answer_tokens=a.num_tokens,
-        num_nonfinite=int(r.num_nonfinite) + int(a.num_nonfinite),
+        loss=out.loss, rationale_loss=((1.0 - a) * out.group_ce[0] + a * out.group_kd[0]),
+        rationale_ce=out.group_ce[0], answer_ce=out.group_ce[1], kd=out.group_kd[0],
+        rationale_tokens=out.group_tokens[0], answer_tokens=out.group_tokens[1],
+        num_nonfinite=int(out.num_nonfinite),
     )
 
 
@@ -582,7 +584,8 @@ def _joint_compute_loss(trainer: Any, model: Any, inputs: dict[str, Any], items:
         teacher_hidden=ht, teacher_weight=wt, temperature=trainer.temperature,
         kd_alpha=trainer.alpha if use_teacher else 0.0, max_logit_abs=cfg.kd.max_logit_abs,
         vocab_size=trainer.vocab_size, num_rationale_tokens=items.get("rationale"),
-        num_answer_tokens=items.get("answer"), chunk_size=cfg.kd.chunk_size)
+        num_answer_tokens=items.get("answer"), chunk_size=cfg.kd.chunk_size,
+        nonfinite="sanitize" if cfg.train.nonfinite == "sanitize" else "report")
     ac = cfg.cascod.alpha_cascod
     metrics = {
         # "ce": the joint cross-entropy objective (both terms' CE with the α_c weights)
