@@ -20,7 +20,10 @@ setup(
     install_requires=[
         # Floor only: Colab's preinstalled torch must satisfy it (never reinstall torch there).
         "torch>=2.1",
-        "transformers>=4.46",
+        # The trainer subclasses Trainer internals (num_items_in_batch, scheduler built after the
+        # optimizer is wrapped, ...): the range slmkd.training.trainer.SUPPORTED_TRANSFORMERS
+        # checks at run time and scripts/ci_floor.sh tests at its floor.
+        "transformers>=5.0,<6",
         "datasets>=2.20",
         "accelerate>=0.34",
         "tokenizers>=0.19",
@@ -34,8 +37,13 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "nbmake>=1.5", "ipykernel>=6", "hypothesis>=6.100", "ruff>=0.5",
-                "nbformat>=5.9", "psutil>=5.9", "peft>=0.11"],
-        "quant": ["bitsandbytes>=0.43"],
+                "nbformat>=5.9", "psutil>=5.9", "peft>=0.11",
+                # runs on CPU too (NF4 teacher, 8-bit AdamW: tests/test_bnb_cpu.py); transformers 5
+                # needs >= 0.46.1 for 4-bit
+                "bitsandbytes>=0.46.1",
+                # tests/test_scoring_harness.py checks our strict/flexible against its filters
+                "lm-eval==0.4.13"],
+        "quant": ["bitsandbytes>=0.46.1"],
         "lora": ["peft>=0.11"],
         "vllm": ["vllm>=0.6"],
     },

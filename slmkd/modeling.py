@@ -155,15 +155,17 @@ def load_causal_lm(
         kwargs["trust_remote_code"] = True
     quantized = role == "teacher" and cfg is not None and cfg.models.teacher_load_in_4bit
     if quantized:
-        if device.type != "cuda":
-            raise RuntimeError("teacher_load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU.")
+        if device.type not in ("cuda", "cpu"):
+            raise RuntimeError(f"teacher_load_in_4bit needs a CUDA GPU or the CPU (bitsandbytes), "
+                               f"not {device.type}; turn it off.")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
         )
-        kwargs["device_map"] = {"": device.index or 0}
+        # CPU: bitsandbytes >= 0.46.1 has a CPU backend (tests/test_bnb_cpu.py)
+        kwargs["device_map"] = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quantized:
         model.to(device)

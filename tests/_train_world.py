@@ -1,6 +1,7 @@
 """A miniature training world for the trainer tests, built in about a second.
 
-Tokenizer + teacher + student (tiny random Qwen2 models saved under ``{root}/models/``) and teacher
+Tokenizer + teacher + student (tiny random Qwen2 models saved under ``{root}/models/``; also
+:data:`QTEACHER` / :data:`QSTUDENT` for the bitsandbytes tests) and teacher
 CoT records in the real shard format (gold rationales of synthetic arithmetic problems,
 ``keep=True``) under ``{root}/cot/gsm8k/{teacher}/``, plus a tiny-profile config pointing at them.
 Independent of the trained tiny teacher and of teacher CoT generation.
@@ -14,6 +15,11 @@ from typing import Any
 
 TEACHER = "kdtest-teacher"
 STUDENT = "kdtest-student"
+#: a teacher whose linear layers have multiples of 32 outputs: bitsandbytes' packed CPU 4-bit
+#: kernel needs them (real models have them; kdtest-teacher's 24-wide k/v projections do not)
+QTEACHER = "kdtest-teacher-q"
+#: a student with tensors of >= 4,096 elements: bitsandbytes keeps 32-bit AdamW states below that
+QSTUDENT = "kdtest-student-q"
 
 
 def _problems(n: int) -> list[dict[str, Any]]:
@@ -43,22 +49,31 @@ def build_world(root: str | Path, n_records: int = 64) -> Path:
     tok = train_tokenizer(corpus * 3, 260)
     n = len(tok)
     for name, hidden, layers, rows, seed in ((TEACHER, 48, 2, n + 24, 1),
-                                             (STUDENT, 32, 2, n + 8, 2)):
+                                             (STUDENT, 32, 2, n + 8, 2),
+                                             (QTEACHER, 64, 2, n + 24, 3),
+                                             (QSTUDENT, 64, 1, n + 8, 4)):
         spec = TinyModelSpec(name, hidden, layers, 4, 2, hidden * 2, rows)
         model = build_model(spec, tok, seed, max_positions=256)
         out = root / "models" / name
         model.save_pretrained(out)
         tok.save_pretrained(out)
-    cot = root / "cot" / "gsm8k" / TEACHER
-    cot.mkdir(parents=True, exist_ok=True)
-    recs = []
-    for p in probs:
-        recs.append({**p, "dataset": "gsm8k", "task": None, "prompt": p["question"],
-                     "extracted_answer": p["gold"], "flags": [], "keep": True,
-                     "teacher": TEACHER, "gen_config_hash": "test0000test0000",
-                     "num_new_tokens": 20, "hit_max_new_tokens": False, "backend": "hf"})
-    (cot / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    (cot / "cot_stats.json").write_text(json.dumps({"kept": len(recs)}))
+    from slmkd.teacher.store import gen_config_hash, generation_settings
+
+    for teacher in (TEACHER, QTEACHER):  # the same gold rationales as each teacher's CoT
+        cot = root / "cot" / "gsm8k" / teacher
+        cot.mkdir(parents=True, exist_ok=True)
+        # the hash the tiny config gives: the CLI's `train` sees a complete CoT, generates none
+        cfg = make_cfg(root, **{"models.teacher_medium": str(root / "models" / teacher)})
+        h = gen_config_hash(generation_settings(cfg, "gsm8k", cfg.teacher))
+        recs = []
+        for p in probs:
+            recs.append({**p, "dataset": "gsm8k", "task": None, "prompt": p["question"],
+                         "extracted_answer": p["gold"], "flags": [], "keep": True,
+                         "teacher": teacher, "gen_config_hash": h,
+                         "num_new_tokens": 20, "hit_max_new_tokens": False, "backend": "hf"})
+        (cot / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (cot / "cot_stats.json").write_text(json.dumps(
+            {"kept": len(recs), "gen_config_hash": h, "complete": True, "limit": None}))
     marker.write_text("ok")
     return root
 

@@ -54,9 +54,13 @@ def kd_or_ce_loss(trainer: DistillationTrainer, model: torch.nn.Module, inputs: 
         max_logit_abs=trainer.cfg.kd.max_logit_abs, vocab_size=trainer.vocab_size,
         num_items_in_batch=items.get("supervised"),
         **({"chunk_size": trainer.cfg.kd.chunk_size} if trainer.loss_accepts_chunk_size else {}),
+        **({"nonfinite": trainer.nonfinite_mode()} if trainer.loss_accepts_nonfinite else {}),
     )
     metrics = {"ce": out.ce.detach(), "kd": out.kd.detach(),
                "num_nonfinite": torch.as_tensor(out.num_nonfinite)}
+    for key in ("num_nonfinite_student", "num_nonfinite_teacher"):  # the trainer's guard reads them
+        if hasattr(out, key):
+            metrics[key] = torch.as_tensor(getattr(out, key))
     return out.loss, metrics
 
 
