@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from slmkd import losses as losses_mod
-from slmkd.losses import engine as losses_engine
 from slmkd.losses import (
     KDLossOutput,
     default_chunk_size,
@@ -19,6 +18,7 @@ from slmkd.losses import (
     kd_loss,
     teacher_topk_from_logits,
 )
+from slmkd.losses import engine as losses_engine
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from slmkd import generation
-from slmkd.config import load_config
 from slmkd.cli import add_generate_cot_command
+from slmkd.config import load_config
 from slmkd.generation import GenerationBatch, GenerationOutput, length_sorted_buckets
 from slmkd.teacher import (
     CoTConfigMismatchError,
