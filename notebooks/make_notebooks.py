@@ -60,6 +60,9 @@ cfg = {cfg_expr}
 drive_root = get_drive_root(cfg)  # mounts Google Drive on Colab
 print(f"profile {{cfg.profile}}{{' (FAST smoke sizes)' if FAST else ''}}; "
       f"Drive root: {{drive_root}}")
+from slmkd.study_plan import plan_study_budget
+
+print(plan_study_budget(cfg).summary_line())
 '''
 
 NEXT = "**Next:** [{nb}]({nb}.ipynb) — {what}."

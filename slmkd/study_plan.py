@@ -200,6 +200,14 @@ class StudyBudget:
             groups.setdefault((r.method, r.student), []).append(r)
         return [(m, s, rs) for (m, s), rs in groups.items()]
 
+    def summary_line(self) -> str:
+        """One line for the notebooks after 00: total hours, Drive peak/final, fits or not."""
+        verdict = "fits" if self.fits else "DOES NOT FIT: " + "; ".join(self.problems)
+        return (f"plan ({self.profile}): {self.total_hours:.1f} h in all, Drive peak "
+                f"{self.drive_peak_gb:.1f} GB, {self.drive_final_gb:.1f} GB after completion, "
+                f"local peak {self.local_peak_gb:.1f} GB; {verdict} (details: notebook 00 / "
+                "`slmkd plan`)")
+
     def format(self) -> str:
         total = self.total_hours
         gpu = (f"{self.gpu_gib:.1f} GiB card, runs must stay ≤ {self.vram_limit_gib:.1f} GiB"
