@@ -80,7 +80,7 @@ def check_transformers_version(version: str | None = None) -> str:
 
     Every 5.x release passes the trainer/loss/resume tests (``scripts/ci_floor.sh`` runs them at
     5.0.0) with the shims in :class:`DistillationTrainer`: the GA scaling flags
-    (``loss_is_scaled_for_ga`` from 5.20, ``model_accepts_loss_kwargs`` before), the
+    (``loss_is_scaled_for_ga`` in late 5.x, ``model_accepts_loss_kwargs`` before), the
     Accelerator's own GA division turned off (before 5.7), the guard's own gradient check where
     the Trainer hands over no norm (``_get_grad_norm`` from 5.3), and the skip flag set on the
     accelerate wrapper where the LR scheduler is built before the optimizer is wrapped (5.0).
@@ -168,7 +168,7 @@ class DistillationTrainer(Trainer):
         self.syncer = syncer
         self.run_state = run_state or {}
         self.temperature, self.alpha = cfg.schedule_for_epoch(0)
-        # our losses are already normalised over the whole accumulated (global) batch: 5.20+ reads
+        # our losses are already normalised over the whole accumulated (global) batch: late 5.x reads
         # loss_is_scaled_for_ga; before, the Trainer divides by GA unless model_accepts_loss_kwargs
         # (only used there and in the compute_loss/_get_num_items_in_batch we override)
         self.loss_is_scaled_for_ga = True
