@@ -226,13 +226,15 @@ def _assert_step_taken(snap, step):
     assert all(torch.isfinite(v).all() for v in q1.values())
 
 
+@pytest.mark.parametrize("method", ["kd", "cascod-kd"])
 @pytest.mark.parametrize("model_side", ["teacher", "student"])
 def test_nan_in_supervised_hidden_states_skips_the_step(world, tmp_path, monkeypatch, capsys,
-                                                        model_side):
+                                                        model_side, method):
     """A NaN written into one supervised position of the teacher's (or student's) final hidden
     states on step 3: that step is skipped as nonfinite_<side>, the weights, the optimiser state
     and the LR are unchanged by it, the skip is printed, logged and in the summary; the other
-    steps train."""
+    steps train. ``cascod-kd`` (one fused call over rationale and answer rows) reports the
+    same per-model reason (row 0 is a rationale row, the one the teacher sees)."""
     snap = _Snapshot([3, 4])
     _record_labels(monkeypatch)
 
@@ -245,7 +247,7 @@ def test_nan_in_supervised_hidden_states_skips_the_step(world, tmp_path, monkeyp
     _with_trainer(monkeypatch, setup)
     cfg = make_cfg(world, **{"train.max_steps": 5, "train.weight_decay": 0.1,
                              "train.debug_nan": model_side == "teacher", "train.log_every": 1})
-    res = T.train(cfg, "kd", "student_small", 1, run_dir=tmp_path / "run")
+    res = T.train(cfg, method, "student_small", 1, run_dir=tmp_path / "run")
     _assert_step_skipped(snap, 3)
     _assert_step_taken(snap, 4)
     reason = f"nonfinite_{model_side}"
@@ -283,6 +285,7 @@ def test_nan_teacher_with_sanitize_trains_on_and_counts_the_rows(world, tmp_path
     _assert_step_taken(snap, 3)
     assert res.summary["skipped_batches"] == 0
     assert trainers[0].guard.sanitized == {"teacher": 1}
+    assert res.summary["sanitized_nonfinite_rows"] == {"teacher": 1}
     log = read_log(res.run_dir / "log.jsonl")
     assert [e.get("sanitized_nonfinite_teacher_rows") for e in log] == [None, None, 1, 1]
     assert all(e["loss"] is not None and e["loss"] > 0 for e in log)

@@ -446,6 +446,8 @@ class CasCoDLossOutput:
     rationale_tokens: Any
     answer_tokens: Any
     num_nonfinite: int
+    num_nonfinite_student: int = 0
+    num_nonfinite_teacher: int = 0
 
 
 def _fused_kwargs(chunk_size: int | None) -> dict[str, Any]:
@@ -525,6 +527,8 @@ def cascod_joint_loss(
         rationale_ce=out.group_ce[0], answer_ce=out.group_ce[1], kd=out.group_kd[0],
         rationale_tokens=out.group_tokens[0], answer_tokens=out.group_tokens[1],
         num_nonfinite=int(out.num_nonfinite),
+        num_nonfinite_student=int(out.num_nonfinite_student),
+        num_nonfinite_teacher=int(out.num_nonfinite_teacher),
     )
 
 
@@ -594,6 +598,9 @@ def _joint_compute_loss(trainer: Any, model: Any, inputs: dict[str, Any], items:
         "rationale_ce": out.rationale_ce.detach(),
         "answer_ce": out.answer_ce.detach(),
         "num_nonfinite": torch.as_tensor(out.num_nonfinite),
+        # the trainer's guard skips the step by model (nonfinite_student / nonfinite_teacher)
+        "num_nonfinite_student": torch.as_tensor(out.num_nonfinite_student),
+        "num_nonfinite_teacher": torch.as_tensor(out.num_nonfinite_teacher),
     }
     return out.loss, metrics
 

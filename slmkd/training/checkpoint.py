@@ -58,6 +58,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: name prefixes of partial copies (a copy or a replacement cut by a crash or a disconnect)
 STALE_PREFIXES = (".tmp-", ".old-")
 _CHUNK = 16 << 20
+#: fault injection for the resume tests: ``"N"`` SIGKILLs this process half-way through the first
+#: file of the Drive copy of ``checkpoint-N`` (a Colab disconnect during a checkpoint copy)
+FAULT_KILL_IN_COPY_ENV = "SLMKD_FAULT_KILL_IN_COPY_OF"
 GB = 1e9
 
 
@@ -285,12 +288,20 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike,
               cancel: threading.Event | None = None) -> None:
     """Copy one file in chunks (cancellable between chunks). An ``OSError`` (e.g. ``ENOSPC`` on a
     full Drive) propagates with its errno."""
+    kill_in = os.environ.get(FAULT_KILL_IN_COPY_ENV)
+    kill = bool(kill_in) and f".tmp-checkpoint-{kill_in}-" in str(dst)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while True:
             _check(cancel)
             b = fi.read(_CHUNK)
             if not b:
                 break
+            if kill:  # pragma: no cover - the process ends here (tests/test_resume.py)
+                import signal
+
+                fo.write(b[: len(b) // 2])
+                fo.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
             fo.write(b)
         fo.flush()
         os.fsync(fo.fileno())

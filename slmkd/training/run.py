@@ -195,7 +195,8 @@ def _build_training_args(cfg: ExperimentConfig, out_dir: Path, seed: int, max_st
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise RuntimeError(f"train.optim={optim!r} needs bitsandbytes: pip install "
-                               "bitsandbytes (CUDA only), or use adamw_torch.") from None
+                               "bitsandbytes (CPU and CUDA wheels from 0.46), or use "
+                               "adamw_torch.") from None
     return TrainingArguments(
         output_dir=str(out_dir), seed=int(seed), data_seed=int(seed), optim=optim,
         save_strategy="steps", logging_strategy="steps", report_to="none",
@@ -555,6 +556,7 @@ def _fit(cfg: ExperimentConfig, spec: MethodSpec, method: str, student_name: str
                 "optimizer_steps_taken": g.steps - g.skipped,
                 "skipped_batches": g.skipped, "skipped_fraction": frac,
                 "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
+                "sanitized_nonfinite_rows": dict(g.sanitized),
                 "final_loss": last.get("loss"), "final_ce": last.get("ce"),
                 "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
                 "data": stats_dict, "cot_dir": cot_path,

@@ -444,6 +444,7 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
                 "optimizer_steps_taken": g.steps - g.skipped,
                 "skipped_batches": g.skipped, "skipped_fraction": frac,
                 "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
+                "sanitized_nonfinite_rows": dict(g.sanitized),
                 "final_loss": last.get("loss"), "final_ce": last.get("ce"),
                 "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
                 "data": data_stats.to_dict(), "cot_dir": cot_path,

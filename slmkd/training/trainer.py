@@ -505,6 +505,12 @@ class ScheduleCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_log = True  # the final losses are always logged
+        from slmkd.training.checkpoint import FAULT_KILL_IN_COPY_ENV
+
+        kill_in_copy = os.environ.get(FAULT_KILL_IN_COPY_ENV)
+        if kill_in_copy and state.global_step == int(kill_in_copy) + 1 and \
+                self.trainer is not None and self.trainer.syncer is not None:
+            self.trainer.syncer.wait(60)  # the copy of checkpoint-N ends this process
         kill_at = os.environ.get(FAULT_KILL_ENV)
         if kill_at and state.global_step == int(kill_at):
             if self.trainer is not None and self.trainer.syncer is not None:
