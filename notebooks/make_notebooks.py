@@ -179,6 +179,12 @@ show_figures(result.histogram_path)
 for rec in load_cot_records(result.output_dir)[:2]:
     print(rec["question"], "\\n---\\n", rec["completion"], "\\n===")
 '''),
+        code('''
+if cfg.models.teacher_load_in_4bit:  # KD will distil the NF4 teacher: how far is it from bf16?
+    from slmkd.teacher.drift import describe_drift, measure_cot_drift
+
+    print(describe_drift(measure_cot_drift(cfg, DATASET)))
+'''),
         md("""
 ## Optional: the teacher off the GPU (`kd.teacher_source = "cached"`)
 One teacher forward over every kept CoT stores its top-k logits and log-normalisers per

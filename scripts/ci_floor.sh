@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The trainer, loss and resume tests at the lowest supported transformers (the floor of
+# The trainer, loss and resume tests (tests/test_resume.py included) at the lowest supported transformers (the floor of
 # slmkd.training.trainer.SUPPORTED_TRANSFORMERS, also in setup.py), in a venv of their own.
 #
 #   bash scripts/ci_floor.sh            # trainer (incl. the kill -9 resume test), losses, bnb
@@ -28,7 +28,7 @@ marker=()
 if [ "${FLOOR_FAST:-0}" = "1" ]; then marker=(-m "not slow"); fi
 set +e
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${marker[@]}" \
-  tests/test_trainer.py tests/test_losses.py tests/test_bnb_cpu.py
+  tests/test_trainer.py tests/test_resume.py tests/test_losses.py tests/test_bnb_cpu.py
 rc=$?
 set -e
 echo "ci_floor: install $((t1 - t0)) s, tests $(( $(date +%s) - t1 )) s, rc=$rc"

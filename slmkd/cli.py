@@ -140,6 +140,10 @@ def _generate_cot_command(args: argparse.Namespace) -> int:
     )
     generate_cot(cfg, dataset=args.dataset, teacher=args.teacher, output_dir=args.output,
                  limit=args.limit, force=args.force, max_batches=args.max_batches)
+    if cfg.models.teacher_load_in_4bit and args.output is None and args.teacher is None:
+        from slmkd.teacher.drift import describe_drift, measure_cot_drift
+
+        print(describe_drift(measure_cot_drift(cfg, args.dataset)))
     return 0
 
 

@@ -166,7 +166,16 @@ def preflight(cfg: ExperimentConfig, method: str = "kd", student: str | None = N
     if gpu is None and not cfg.is_tiny:
         warnings.append("no CUDA GPU: the full profiles need one (Runtime > Change runtime type "
                         "> A100 on Colab), or use profile 'tiny'")
+    drift_line = None
+    if cfg.models.teacher_load_in_4bit:
+        from slmkd.teacher.drift import describe_drift, read_cot_drift
+
+        d = read_cot_drift(cfg)
+        drift_line = (describe_drift(d) if d is not None else
+                      "4-bit NF4 teacher: drift from full precision not measured yet (`slmkd "
+                      "generate-cot` measures it after the CoT; notebook 01)")
     return {"profile": cfg.profile, "colab": in_colab(), "gpu": gpu, "drive": drive,
+            "teacher_4bit_drift": drift_line,
             "versions": versions, "env": env, "method": method,
             "student": cfg.student_name(student or cfg.students[0]),
             "plan": plan_dict, "plan_text": plan_text, "warnings": warnings}
@@ -197,6 +206,8 @@ def format_preflight(report: dict[str, Any]) -> str:
         lines.append("  Environment overrides: none")
     lines.append(f"  VRAM plan ({report['method']}, student {report['student']}):")
     lines.extend("    " + ln for ln in report["plan_text"].splitlines())
+    if report.get("teacher_4bit_drift"):
+        lines.append(f"  Teacher: {report['teacher_4bit_drift']}")
     for w in report["warnings"]:
         lines.append(f"  WARNING: {w}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from slmkd import training as T  # noqa: E402
-from slmkd.training.drift import teacher_quantization_drift  # noqa: E402
+from slmkd.teacher.drift import teacher_quantization_drift  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,33 @@ def test_nf4_drift_and_accuracy_of_the_trained_tiny_teacher(capsys):
               f"accuracy {acc_full:.3f} (fp32) vs {acc_q:.3f} (NF4) on {len(test)} problems")
     assert d["mean_kl"] < 0.01 and d["argmax_agreement"] > 0.97
     assert abs(acc_full - acc_q) <= 0.05
+
+
+def test_cot_drift_is_measured_once_stored_beside_the_cot_and_printed_by_preflight(world,
+                                                                                 monkeypatch):
+    """With ``teacher_load_in_4bit`` the drift of the NF4 teacher on its own CoT is measured
+    through the real loaders (full and NF4 on CPU), stored as ``teacher_4bit_drift.json``,
+    returned from the file on the next call (nothing loaded), and preflight prints it; before,
+    preflight says it is not measured."""
+    pytest.importorskip("bitsandbytes")
+    from slmkd import modeling
+    from slmkd.layout import cot_dir
+    from slmkd.preflight import format_preflight, preflight
+    from slmkd.teacher.drift import DRIFT_FILE, measure_cot_drift
+
+    cfg = make_cfg(world, **{"models.teacher_medium": str(world / "models" / QTEACHER),
+                             "models.teacher_load_in_4bit": True})
+    (cot_dir(cfg) / DRIFT_FILE).unlink(missing_ok=True)
+    text = format_preflight(preflight(cfg, method="kd", mount=False))
+    assert "drift from full precision not measured yet" in text
+    d = measure_cot_drift(cfg, num_records=16)
+    assert (cot_dir(cfg) / DRIFT_FILE).is_file() and d["num_records_used"] == 16
+    assert d["num_tokens"] > 100 and 0.0 < d["mean_kl"] < 0.05 and d["argmax_agreement"] > 0.8
+
+    def no_load(*a, **k):
+        raise AssertionError("the stored drift should be reused")
+
+    monkeypatch.setattr(modeling, "load_causal_lm", no_load)
+    assert measure_cot_drift(cfg, num_records=16) == d
+    text = format_preflight(preflight(cfg, method="kd", mount=False))
+    assert f"mean KL {d['mean_kl']:.4f} nat/token" in text and "argmax agreement" in text

@@ -388,3 +388,73 @@ def test_topk_helper_nonfinite_rows_and_validation():
     # vocab_size larger than the teacher's width: only the teacher's columns exist
     ids, _, _ = teacher_topk_from_logits(logits, 10, [1.0], 12)
     assert ids.shape == (3, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# CasCoD-KD from the cache: one call, rationale rows with the cached teacher, answer rows CE
+# ---------------------------------------------------------------------------------------------
+def _cascod_case(b=2, t=9, v=33, seed=11):
+    h, w, hT, wT = case(vs=37, vt=45, b=2 * b, t=t, seed=seed)
+    labels = make_labels(2 * b, t, v, seed=seed + 1)
+    return h, w, hT[:b].float(), wT.float(), labels
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.8)])
+def test_cascod_topk_at_k_equal_v_equals_live_cascod(temperature, alpha):
+    """``fused_cascod_loss(teacher_topk=...)`` with k = V is the live CasCoD-KD loss (values and
+    gradients): the cached path has the same weights, groups and normalisers."""
+    from slmkd.losses import fused_cascod_loss
+
+    b, v = 2, 33
+    h, w, hT, wT, labels = _cascod_case(b=b, v=v)
+    kw = dict(alpha_cascod=0.3, temperature=temperature, alpha=alpha, vocab_size=v, chunk_size=4,
+              num_rationale_tokens=13, num_answer_tokens=7)
+    live = fused_cascod_loss(h, w, labels, b, teacher_hidden=hT, teacher_lm_head_weight=wT, **kw)
+    g_live = torch.autograd.grad(live.loss, (h, w))
+    ids, vals, logz = teacher_topk_from_logits(teacher_rows(hT, wT, labels[:b]), v,
+                                               [temperature], v, values_dtype=torch.float32)
+    out = fused_cascod_loss(h, w, labels, b, teacher_topk=(ids, vals, logz[0]), **kw)
+    g = torch.autograd.grad(out.loss, (h, w))
+    torch.testing.assert_close(out.loss, live.loss, rtol=1e-5, atol=1e-6)
+    for a, c in zip(out.group_ce, live.group_ce):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.group_kd[0], live.group_kd[0], rtol=1e-5, atol=1e-6)
+    for a, c in zip(g, g_live):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_cascod_topk_against_fp64_composition():
+    """k < V: the one-call loss is ``(1-α_c)·[(1-α)·CE_r + α·KD_r]/N_r + α_c·CE_a/N_a`` with
+    ``KD_r`` the fp64 bucket KL of the rationale rows (values and gradients)."""
+    from slmkd.losses import fused_cascod_loss
+
+    b, v, k, temp, a, ac, nr, na = 2, 33, 5, 2.0, 0.6, 0.25, 11.0, 6.0
+    h, w, hT, wT, labels = _cascod_case(b=b, v=v, seed=3)
+    ids, vals, logz = teacher_topk_from_logits(teacher_rows(hT, wT, labels[:b]), k, [temp], v,
+                                               values_dtype=torch.float32)
+    out = fused_cascod_loss(h, w, labels, b, alpha_cascod=ac, teacher_topk=(ids, vals, logz[0]),
+                            temperature=temp, alpha=a, vocab_size=v, chunk_size=3,
+                            num_rationale_tokens=nr, num_answer_tokens=na)
+    gh, gw = torch.autograd.grad(out.loss, (h, w))
+    # reference: the two terms separately in fp64 (rationale rows: bucket KL; answer rows: CE)
+    hr = h.detach()[:b].clone().requires_grad_()
+    lr, _, _, _, ghr, gwr = topk_reference(hr, w, labels[:b], ids, vals, logz[0],
+                                           temperature=temp, alpha=a, vocab_size=v,
+                                           num_items=nr)
+    ha = h.detach()[b:].double().requires_grad_()
+    wa = w.detach().double().requires_grad_()
+    rows, y = supervised_positions(labels[b:])
+    za = (ha.reshape(-1, ha.shape[-1]) @ wa.T)[rows][:, :v].clamp(-50, 50)
+    la = F.cross_entropy(za, y, reduction="sum") / na
+    la.backward()
+    ref = (1 - ac) * lr + ac * la.detach()
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh[:b].double(), (1 - ac) * ghr, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gh[b:].double(), ac * ha.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), (1 - ac) * gwr + ac * wa.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="N_t="):  # the cache must cover the rationale rows only
+        all_ids, all_vals, all_logz = teacher_topk_from_logits(
+            teacher_rows(torch.cat([hT, hT]), wT, labels), k, [temp], v)
+        fused_cascod_loss(h, w, labels, b, alpha_cascod=ac,
+                          teacher_topk=(all_ids, all_vals, all_logz[0]), temperature=temp,
+                          alpha=a, vocab_size=v)

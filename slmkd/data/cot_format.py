@@ -98,3 +98,34 @@ def answer_target(answer: str) -> str:
     """The supervised answer text that follows the cue: ``" {a}."`` (EOS is appended by
     :func:`slmkd.data.prompts.tokenize_example`)."""
     return " " + answer.strip() + "."
+
+
+# -- CasCoD's rationale example and the full CoT example it is cut from ---------------------------
+#: the teacher-cache key suffix of a record's rationale example (cached separately when it is not
+#: a token prefix of the record's full CoT example)
+RATIONALE_CACHE_SUFFIX = "#rationale"
+
+
+def rationale_example(tokenizer: Any, prompt: str, rationale: str, max_length: int,
+                      min_supervised_tokens: int) -> Any:
+    """CasCoD's rationale example ``q → r``: input ``prompt + rationale + eos``, labels on
+    ``rationale + eos`` only (−100 on the prompt); a ``TokenizedExample`` or a ``DropReason``
+    (:func:`slmkd.data.prompts.tokenize_example`)."""
+    from slmkd.data.prompts import tokenize_example
+
+    return tokenize_example(tokenizer, prompt, rationale.strip(), max_length, min_supervised_tokens)
+
+
+def is_supervised_prefix(part: Any, full: Any) -> bool:
+    """True when every position that predicts a supervised token of ``part`` (a rationale
+    example) sees exactly the tokens the same position of ``full`` (its record's full CoT
+    example) sees, and both start supervising at the same position: then a causal teacher's
+    logits at ``part``'s supervised positions are ``full``'s first ones (no teacher rerun)."""
+    n = len(part.input_ids)
+    if n > len(full.input_ids) or list(part.input_ids[:n - 1]) != list(full.input_ids[:n - 1]):
+        return False
+
+    def first(labels: Any) -> int:
+        return next((i for i, y in enumerate(labels) if y != -100), -1)
+
+    return first(part.labels) == first(full.labels) >= 0

@@ -137,6 +137,7 @@ def fused_cascod_loss(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     nonfinite: str = "report",
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> KDLossOutput:
     """CasCoD's joint loss ``(1 - α_c)·L_r + α_c·L_a`` in one :func:`fused_kd_loss` call.
 
@@ -153,6 +154,10 @@ def fused_cascod_loss(
     ``num_items_in_batch = (N_r, N_a)``. The result's ``group_ce = (CE_r, CE_a)``,
     ``group_kd = (KD_r, 0)``, ``group_tokens = (n_r, n_a)``; ``ce`` is the joint CE objective
     ``(1-α_c)·CE_r + α_c·CE_a`` and ``L_r = (1-α)·group_ce[0] + α·group_kd[0]``.
+
+    ``teacher_topk = (ids (N_r, k), values (N_r, k), logZ (N_r,))`` instead of the teacher's
+    hidden states: the teacher from its cache for the ``N_r`` supervised rationale positions, and
+    ``KD_i`` is the bucket KL of :func:`slmkd.losses.fused_topk_kd_loss` (one call, same weights).
     """
     b = int(num_rationale_rows)
     if student_hidden.dim() != 3 or student_hidden.shape[0] != 2 * b or labels.shape[0] != 2 * b:
@@ -166,6 +171,18 @@ def fused_cascod_loss(
     ac = float(alpha_cascod)
     weights = torch.tensor([1.0 - ac] * b + [ac] * b, dtype=torch.float64)
     groups = torch.tensor([0] * b + [1] * b)
+    if teacher_topk is not None:
+        if teacher_hidden is not None:
+            raise ValueError("give teacher_hidden or teacher_topk, not both")
+        from slmkd.losses.topk import fused_topk_kd_loss
+
+        t_ids, t_vals, t_logz = teacher_topk
+        return fused_topk_kd_loss(
+            student_hidden, student_lm_head_weight, labels, t_ids, t_vals, t_logz,
+            temperature=temperature, alpha=alpha, max_logit_abs=max_logit_abs,
+            vocab_size=vocab_size, num_items_in_batch=[num_rationale_tokens, num_answer_tokens],
+            chunk_size=chunk_size, ignore_index=ignore_index, nonfinite=nonfinite,
+            row_weights=weights, row_groups=groups, teacher_rows=b)
     return fused_kd_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                          teacher_lm_head_weight, labels, temperature=temperature, alpha=alpha,
                          max_logit_abs=max_logit_abs, vocab_size=vocab_size,

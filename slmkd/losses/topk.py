@@ -18,6 +18,7 @@ from slmkd.losses.engine import (
     KDLossOutput,
     _check_targets,
     _compute_dtype,
+    _grouped_weights,
     _make_cfg,
     _output,
     _plain_weights,
@@ -41,6 +42,9 @@ def fused_topk_kd_loss(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     nonfinite: str = "report",
+    row_weights: torch.Tensor | Sequence[float] | None = None,
+    row_groups: torch.Tensor | Sequence[int] | None = None,
+    teacher_rows: int | None = None,
 ) -> KDLossOutput:
     """``(1 - α)·CE + α·T²·KL_bucket`` from the student's hidden states and a teacher top-k cache.
 
@@ -78,6 +82,13 @@ def fused_topk_kd_loss(
     :func:`fused_kd_loss`. Memory: ``O(chunk_size·V)`` fp32 plus the gradients; the student's
     logits are computed chunk by chunk and only the ``k`` teacher columns are gathered.
     ``vocab_size`` defaults to ``Vs``; pass the tokenizer length so padding rows are excluded.
+
+    ``row_weights`` / ``row_groups`` / ``num_items_in_batch`` as a list: per-batch-row weights and
+    normalisation groups exactly as in :func:`slmkd.losses.fused_kd_loss`; ``teacher_rows`` =
+    ``B_t``: only batch rows ``< B_t`` have a teacher (the cache then covers their ``N_t``
+    supervised positions, a prefix of the ``N``: the top-k tensors are ``(N_t, k)``), the other
+    rows get plain CE. :func:`slmkd.losses.fused_cascod_loss` uses this for CasCoD-KD from the
+    cache.
     """
     _check_student(student_hidden, student_lm_head_weight, labels)
     dev = student_hidden.device
@@ -88,19 +99,30 @@ def fused_topk_kd_loss(
                     nonfinite=nonfinite)
     rows, targets = supervised_positions(labels.to(dev), ignore_index)
     n = int(rows.numel())
+    bsz, seq = labels.shape
+    if teacher_rows is not None and not 0 <= int(teacher_rows) <= bsz:
+        raise ValueError(f"teacher_rows={teacher_rows} must lie in [0, {bsz}]")
+    if row_weights is None and row_groups is None and \
+            (teacher_rows is None or int(teacher_rows) == bsz) and \
+            not isinstance(num_items_in_batch, (list, tuple)):
+        wts = _plain_weights(n, alpha, num_items_in_batch, dev, True)
+    else:
+        wts = _grouped_weights(rows, seq, bsz, alpha, row_weights, row_groups,
+                               num_items_in_batch, teacher_rows, dev)
+    nt = wts.n_teacher
     ids = teacher_topk_ids.to(dev)
-    if ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < 1 or \
-            teacher_topk_logits.shape != ids.shape or tuple(teacher_logZ.shape) != (n,):
+    if ids.dim() != 2 or ids.shape[0] != nt or ids.shape[1] < 1 or \
+            teacher_topk_logits.shape != ids.shape or tuple(teacher_logZ.shape) != (nt,):
         raise ValueError(f"teacher top-k: ids {tuple(ids.shape)} and logits "
-                         f"{tuple(teacher_topk_logits.shape)} must be (N={n}, k), logZ "
-                         f"{tuple(teacher_logZ.shape)} must be ({n},)")
+                         f"{tuple(teacher_topk_logits.shape)} must be (N_t={nt}, k), logZ "
+                         f"{tuple(teacher_logZ.shape)} must be ({nt},)")
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"teacher_topk_ids must be int32/int64, got {ids.dtype}")
     k = ids.shape[1]
     if k > cfg.vocab:
         raise ValueError(f"k={k} exceeds vocab_size={cfg.vocab}")
     ids = ids.long()
-    if n:
+    if nt:
         srt = ids.sort(dim=-1).values
         flags = torch.stack([(ids < 0).any(), (ids >= cfg.vocab).any(),
                              (srt[:, 1:] == srt[:, :-1]).any()]).tolist()  # one sync
@@ -110,7 +132,6 @@ def fused_topk_kd_loss(
                              f"{int(ids.max())}]")
         if flags[2]:
             raise ValueError("teacher_topk_ids must be distinct within each row")
-    wts = _plain_weights(n, alpha, num_items_in_batch, dev, True)
     _check_targets(targets, cfg.vocab)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and student_hidden.requires_grad

@@ -126,9 +126,21 @@ def _scan(directory: Path) -> tuple[dict[str, dict[str, Any]], list[int]]:
     return entries, used
 
 
-def _examples(cfg: Any, records: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    """The training tokenisation of each kept record (same drops as the trainer's)."""
+def _examples(cfg: Any, records: list[dict[str, Any]], tokenizer: Any, *,
+              rationales: bool = False) -> list[dict[str, Any]]:
+    """The training tokenisation of each kept record (same drops as the trainer's). With
+    ``rationales``, also CasCoD's rationale example of each record whose rationale is not a token
+    prefix of the full example (:func:`slmkd.data.cot_format.is_supervised_prefix`: e.g. a prompt
+    left-truncated differently), under ``{id}#rationale``: cascod-kd from the cache then has
+    exact teacher rows for every rationale row."""
     from slmkd.data import bbh_prompts_for
+    from slmkd.data.cot_format import (
+        RATIONALE_CACHE_SUFFIX,
+        SplitCoT,
+        is_supervised_prefix,
+        rationale_example,
+        split_cot,
+    )
     from slmkd.data.prompts import DropReason, build_prompt, tokenize_example
     from slmkd.data.records import record_from_dict
 
@@ -144,6 +156,13 @@ def _examples(cfg: Any, records: list[dict[str, Any]], tokenizer: Any) -> list[d
         if isinstance(ex, DropReason):
             continue
         out.append({"id": str(rec["id"]), "input_ids": ex.input_ids, "labels": ex.labels})
+        split = split_cot(rec["completion"]) if rationales else None
+        if isinstance(split, SplitCoT):
+            r_ex = rationale_example(tokenizer, prompt, split.rationale, cfg.train.max_seq_length,
+                                     cfg.train.min_supervised_tokens)
+            if not isinstance(r_ex, DropReason) and not is_supervised_prefix(r_ex, ex):
+                out.append({"id": f"{rec['id']}{RATIONALE_CACHE_SUFFIX}",
+                            "input_ids": r_ex.input_ids, "labels": r_ex.labels})
     return out
 
 
@@ -205,7 +224,7 @@ def cache_teacher(cfg: Any, dataset: str | None = None, *, teacher: str | None =
     for p in out.glob(".*.tmp"):
         p.unlink()
     atomic_write_json(meta_path, settings)
-    examples = _examples(cfg, records, tokenizer)
+    examples = _examples(cfg, records, tokenizer, rationales=True)
     done, used = _scan(out)
     pending = [e for e in examples if e["id"] not in done]
     temps = settings["temperatures"]
@@ -264,7 +283,10 @@ def _stats(out: Path, settings: dict[str, Any], num_examples: int, wall: float) 
     import torch
     from safetensors import safe_open
 
+    from slmkd.data.cot_format import RATIONALE_CACHE_SUFFIX
+
     entries, _ = _scan(out)
+    n_rat = sum(k.endswith(RATIONALE_CACHE_SUFFIX) for k in entries)
     tokens = sum(e["n"] for e in entries.values())
     nbytes = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
     mass = [0.0] * len(settings["temperatures"])
@@ -281,7 +303,8 @@ def _stats(out: Path, settings: dict[str, Any], num_examples: int, wall: float) 
     old = read_json(out / STATS_FILE) if (out / STATS_FILE).is_file() else {}
     stats = {
         **{k: settings[k] for k in ("teacher", "k", "temperatures", "vocab_size")},
-        "records": len(entries), "examples": num_examples, "complete": len(entries) >= num_examples,
+        "records": len(entries) - n_rat, "rationale_examples": n_rat,
+        "examples": num_examples, "complete": len(entries) >= num_examples,
         "tokens": tokens, "bytes": nbytes, "bytes_per_token": nbytes / tokens if tokens else 0.0,
         "coverage": {str(t): (mass[j] / seen if seen else None)
                      for j, t in enumerate(settings["temperatures"])},
@@ -307,15 +330,25 @@ class TeacherCache:
         raise TeacherCacheError(f"temperature {temperature} is not in the cache's schedule "
                                 f"{self.settings['temperatures']}")
 
-    def get(self, example_id: str, temperature: float, input_ids: list[int] | None = None):
-        """``(ids (n, k), values (n, k), logz (n,))`` of one example at ``temperature``."""
+    def get(self, example_id: str, temperature: float, input_ids: list[int] | None = None, *,
+            ids_hash: str | None = None, rows: int | None = None):
+        """``(ids (n, k), values (n, k), logz (n,))`` of one example at ``temperature``.
+
+        ``input_ids`` (or their :func:`input_ids_hash`, ``ids_hash``) are checked against the
+        tokens the example was cached with; ``rows`` keeps the first ``rows`` supervised
+        positions (a prefix of the example: CasCoD's rationale row)."""
         from safetensors import safe_open
 
         e = self.entries.get(str(example_id))
         if e is None:
             raise TeacherCacheError(f"example {example_id!r} is not in the teacher cache "
                                     f"{self.directory}: rerun `slmkd cache-teacher`")
-        if input_ids is not None and input_ids_hash(list(input_ids)) != e["input_ids_hash"]:
+        if ids_hash is None and input_ids is not None:
+            ids_hash = input_ids_hash(list(input_ids))
+        if rows is not None and not 0 <= int(rows) <= int(e["n"]):
+            raise TeacherCacheError(f"example {example_id!r}: {rows} rows asked, "
+                                    f"{e['n']} cached")
+        if ids_hash is not None and ids_hash != e["input_ids_hash"]:
             raise TeacherCacheError(f"example {example_id!r} was cached with other tokens "
                                     "(tokenizer or max_seq_length changed): rerun "
                                     "`slmkd cache-teacher --force`")
@@ -324,8 +357,9 @@ class TeacherCache:
             f = self._open[e["shard"]] = safe_open(str(self.directory / e["shard"]),
                                                    framework="pt")
         j = self.temperature_index(temperature)
-        return (f.get_tensor(f"{example_id}/ids"), f.get_tensor(f"{example_id}/values"),
-                f.get_tensor(f"{example_id}/logz")[j])
+        n = int(e["n"]) if rows is None else int(rows)
+        return (f.get_tensor(f"{example_id}/ids")[:n], f.get_tensor(f"{example_id}/values")[:n],
+                f.get_tensor(f"{example_id}/logz")[j][:n])
 
 
 def load_teacher_cache(cfg: Any, records: list[dict[str, Any]], vocab_size: int,

@@ -117,10 +117,11 @@ def build_rationale_example(
     tokenizer: Any, prompt: str, rationale: str, max_length: int, min_supervised_tokens: int
 ) -> Any:
     """Rationale example ``q → r``: input ``prompt + rationale + eos``; labels on ``rationale +
-    eos`` only (−100 on the prompt). Returns a ``TokenizedExample`` or a ``DropReason``."""
-    from slmkd.data.prompts import tokenize_example
+    eos`` only (−100 on the prompt). Returns a ``TokenizedExample`` or a ``DropReason``
+    (:func:`slmkd.data.cot_format.rationale_example`, which the teacher cache uses too)."""
+    from slmkd.data.cot_format import rationale_example
 
-    return tokenize_example(tokenizer, prompt, rationale.strip(), max_length, min_supervised_tokens)
+    return rationale_example(tokenizer, prompt, rationale, max_length, min_supervised_tokens)
 
 
 def build_answer_example(
@@ -163,6 +164,10 @@ class CasCoDStats:
     #: on the stage-1 student's own greedy rationale (target: the gold answer)
     teacher_rationale_rows: int = 0
     student_rationale_rows: int = 0
+    #: cascod-kd from the teacher cache: rationale rows read as a prefix of the record's cached
+    #: CoT rows / from the record's separately cached rationale example
+    cache_rationale_from_prefix: int = 0
+    cache_rationale_separate: int = 0
 
     def summary(self) -> str:
         s = f"CasCoD examples: kept {self.kept}/{self.total}"
@@ -186,7 +191,9 @@ class CasCoDStats:
                 "prompt_tokens_dropped": self.prompt_tokens_dropped,
                 "rationale_tokens": self.rationale_tokens, "answer_tokens": self.answer_tokens,
                 "teacher_rationale_rows": self.teacher_rationale_rows,
-                "student_rationale_rows": self.student_rationale_rows}
+                "student_rationale_rows": self.student_rationale_rows,
+                "cache_rationale_from_prefix": self.cache_rationale_from_prefix,
+                "cache_rationale_separate": self.cache_rationale_separate}
 
 
 class CasCoDPairDataset:
@@ -419,8 +426,9 @@ class CasCoDCollator:
             attn[i, : len(s)] = 1
         batch = {"input_ids": _pad(ids, width, self.pad_token_id), "attention_mask": attn,
                  "labels": _pad(labels, width, IGNORE_INDEX)}
-        if "example_id" in items[0]:
-            batch["example_id"] = [it["example_id"] for it in items]
+        for key in items[0]:  # metadata: the record id; the teacher-cache lookup keys
+            if key == "example_id" or key.startswith("cache_"):
+                batch[key] = [it[key] for it in items]
         if "rationale_input_ids" in items[0]:
             b = len(items)
             batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slmkd.training.cached_kd import cached_kd_spec
+from slmkd.training.cached_kd import cached_cascod_kd_spec, cached_kd_spec
 from slmkd.training.cascod import cascod_specs
 from slmkd.training.method_spec import MethodSpec
 from slmkd.training.sft_kd import sft_kd_specs
@@ -64,17 +64,15 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str, cfg: Any = None) -> MethodSpec:
     """The registered method ``name``; with ``cfg.kd.teacher_source == "cached"``, ``kd`` reads
-    the teacher from the cache (the ``kd-cached`` method under the name ``kd``)."""
+    the teacher from the cache (the ``kd-cached`` method under the name ``kd``), and so does
+    ``cascod-kd`` (:func:`slmkd.training.cached_kd.cached_cascod_kd_spec`)."""
     if name not in _METHODS:
         raise ValueError(f"Unknown training method {name!r}; registered: {sorted(_METHODS)}.")
     source = getattr(getattr(cfg, "kd", None), "teacher_source", "live")
     if source == "cached" and name == "kd":
         return cached_kd_spec("kd")
     if source == "cached" and name == "cascod-kd":
-        from slmkd.config import ConfigError
-
-        raise ConfigError("kd.teacher_source='cached' is implemented for `kd` only; cascod-kd "
-                          "still needs the live teacher (set kd.teacher_source='live').")
+        return cached_cascod_kd_spec("cascod-kd")
     return _METHODS[name]
 
 
