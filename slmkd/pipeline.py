@@ -75,7 +75,8 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
     cdir = cot_dir(cfg, dataset, cfg.teacher)
     stages.append(Stage("cot", f"teacher CoT: {model_slug(cfg.teacher)} on {dataset} train",
                         is_cot_complete(cfg, cdir), _est(cfg, "cot")))
-    if "kd-cached" in methods or (cfg.kd.teacher_source == "cached" and "kd" in methods):
+    if "kd-cached" in methods or (cfg.kd.teacher_source == "cached"
+                                  and any(m in methods for m in ("kd", "cascod-kd"))):
         from slmkd.teacher.cache import STATS_FILE, cache_dir
 
         stats = cache_dir(cfg, dataset, cfg.teacher) / STATS_FILE

@@ -123,6 +123,46 @@ def env_overrides_in_force(environ: dict[str, str] | None = None) -> dict[str, d
     return out
 
 
+def teacher_cache_line(cfg: ExperimentConfig, method: str) -> str | None:
+    """What the cached-teacher path needs, in one line (None when ``method`` reads no cache):
+    the cache's size, k, coverage and completeness on Drive, or that it is missing with its
+    planned size and the command that makes it."""
+    reads_cache = method == "kd-cached" or (
+        method in ("kd", "cascod-kd") and cfg.kd.teacher_source == "cached")
+    if not reads_cache:
+        return None
+    from slmkd.teacher.cache import STATS_FILE, cache_dir
+
+    d = cache_dir(cfg)
+    stats_path = d / STATS_FILE
+    if stats_path.is_file():
+        from slmkd.fileio import read_json
+
+        try:
+            st = read_json(stats_path)
+        except ValueError:
+            st = {}
+        if st:
+            cov = ", ".join(f"T={t}: {100 * c:.1f}%" for t, c in st.get("coverage", {}).items()
+                            if c is not None)
+            state = "complete" if st.get("complete") else \
+                "INCOMPLETE (rerun `slmkd cache-teacher`)"
+            return (f"teacher cache {d}: {st.get('records', 0):,} records + "
+                    f"{st.get('rationale_examples', 0):,} rationale examples, "
+                    f"{st.get('bytes', 0) / 1e9:.2f} GB ({st.get('bytes_per_token', 0):.0f} "
+                    f"B/token), top-{st.get('k')}, coverage {cov}; {state}")
+    from slmkd.study_plan import plan_study_budget
+
+    planned = ""
+    try:
+        gb = plan_study_budget(cfg).drive_final_parts.get("teacher cache", 0.0)
+        planned = f" (planned {gb:.2f} GB on Drive)"
+    except (ValueError, FileNotFoundError, KeyError):
+        pass
+    return (f"teacher cache: none in {d} yet{planned}: run `slmkd cache-teacher --profile "
+            f"{cfg.profile}` (notebook 01, last section) before {method}")
+
+
 def preflight(cfg: ExperimentConfig, method: str = "kd", student: str | None = None,
               mount: bool = True) -> dict[str, Any]:
     """Check the machine against ``cfg`` and plan VRAM. Returns a JSON-serialisable dict:
@@ -174,8 +214,9 @@ def preflight(cfg: ExperimentConfig, method: str = "kd", student: str | None = N
         drift_line = (describe_drift(d) if d is not None else
                       "4-bit NF4 teacher: drift from full precision not measured yet (`slmkd "
                       "generate-cot` measures it after the CoT; notebook 01)")
+    cache_line = teacher_cache_line(cfg, method)
     return {"profile": cfg.profile, "colab": in_colab(), "gpu": gpu, "drive": drive,
-            "teacher_4bit_drift": drift_line,
+            "teacher_4bit_drift": drift_line, "teacher_cache": cache_line,
             "versions": versions, "env": env, "method": method,
             "student": cfg.student_name(student or cfg.students[0]),
             "plan": plan_dict, "plan_text": plan_text, "warnings": warnings}
@@ -206,6 +247,8 @@ def format_preflight(report: dict[str, Any]) -> str:
         lines.append("  Environment overrides: none")
     lines.append(f"  VRAM plan ({report['method']}, student {report['student']}):")
     lines.extend("    " + ln for ln in report["plan_text"].splitlines())
+    if report.get("teacher_cache"):
+        lines.append(f"  Teacher: {report['teacher_cache']}")
     if report.get("teacher_4bit_drift"):
         lines.append(f"  Teacher: {report['teacher_4bit_drift']}")
     for w in report["warnings"]:

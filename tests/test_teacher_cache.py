@@ -196,3 +196,19 @@ def test_a_cache_without_the_rationale_entries_is_refused_then_completed(world, 
     ds, stats = build_cached_cascod_datasets(cfg, _records(cfg), tok)
     assert len(ds) == 64 and stats.cache_rationale_separate == 64
     assert all(ds[i]["cache_key"].endswith(RATIONALE_CACHE_SUFFIX) for i in range(len(ds)))
+
+
+def test_preflight_names_the_cache_its_size_or_the_command_that_makes_it(world, tmp_path):
+    from slmkd.preflight import format_preflight, preflight
+
+    _link_cot(world, tmp_path)
+    cfg = _cfg(world, tmp_path, **{"kd.cache_top_k": 8, "kd.teacher_source": "cached"})
+    text = format_preflight(preflight(cfg, method="cascod-kd", mount=False))
+    assert "teacher cache: none in" in text and "slmkd cache-teacher --profile tiny" in text
+    assert "planned" in text and " GB on Drive" in text
+    made = cache_teacher(cfg, batch_size=16, show_progress=False)
+    text = format_preflight(preflight(cfg, method="kd", mount=False))
+    assert f"{made.stats['bytes'] / 1e9:.2f} GB" in text and "top-8" in text
+    assert "complete" in text and "64 records" in text
+    live = _cfg(world, tmp_path, **{"kd.cache_top_k": 8})
+    assert "teacher cache" not in format_preflight(preflight(live, method="kd", mount=False))
