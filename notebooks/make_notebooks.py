@@ -378,17 +378,17 @@ print(f"{len(run_dirs)} finished run(s):", *[str(p.relative_to(runs_root)) for p
   `lenient` is slmkd's forgiving scorer (LaTeX answers, option text, …). A big gap between them
   means the model reasons but does not follow the answer format."""),
         code('''
-from slmkd.evaluation import evaluate_model, evaluate_run, format_summary_line
+from slmkd.evaluation import evaluate_on_datasets, evaluate_run, format_summary_line
 
+# each model is loaded once for all datasets, and released before the next one
 summaries = []
 for run_dir in run_dirs:
     summaries += evaluate_run(cfg, run_dir).values()
-for ds in cfg.evaluation.datasets:
-    if EVAL_BASE:
-        for student in cfg.students:
-            summaries.append(evaluate_model(cfg, cfg.student_name(student), ds, kind="base"))
-    if EVAL_TEACHER:
-        summaries.append(evaluate_model(cfg, cfg.teacher, ds, kind="teacher"))
+if EVAL_BASE:
+    for student in cfg.students:
+        summaries += evaluate_on_datasets(cfg, cfg.student_name(student), kind="base").values()
+if EVAL_TEACHER:
+    summaries += evaluate_on_datasets(cfg, cfg.teacher, kind="teacher").values()
 '''),
         code('''
 for s in summaries:

@@ -229,7 +229,7 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    from slmkd.evaluation import evaluate_model, evaluate_run, format_summary_line
+    from slmkd.evaluation import evaluate_on_datasets, evaluate_run, format_summary_line
 
     cfg = config_from_args(args)
     datasets = [args.dataset] if args.dataset else list(cfg.evaluation.datasets)
@@ -239,8 +239,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         results = evaluate_run(cfg, args.run_dir, datasets=datasets, limit=limit,
                                force=args.force, **kw)
     else:
-        results = {ds: evaluate_model(cfg, args.model, ds, limit=limit, force=args.force, **kw)
-                   for ds in datasets}
+        results = evaluate_on_datasets(cfg, args.model, datasets, limit=limit, force=args.force,
+                                       **kw)  # the model is loaded once for all datasets
     for s in results.values():
         print(format_summary_line(s))
         print(f"  -> {Path(s['predictions']).parent}")

@@ -551,3 +551,40 @@ def test_system_prompt_recorded_in_eval_meta(tmp_path, monkeypatch, gsm8k_record
         ev.evaluate_model(cfg, object(), "gsm8k", tokenizer=QwenLikeTokenizer("Be brief."), **kw)
     s = ev.evaluate_model(cfg, object(), "gsm8k", tokenizer=FakeTokenizer(), force=True, **kw)
     assert s["system_prompt"] is None
+
+
+@pytest.mark.parametrize("which", ["run", "model"])
+def test_a_model_is_loaded_once_for_all_datasets_and_not_at_all_when_stored(tmp_path, monkeypatch,
+                                                                          which):
+    """evaluate_run / evaluate_on_datasets on GSM8K and BBH: one load, one engine closed at the
+    end; a rerun with every prediction stored loads nothing."""
+    import slmkd.modeling
+    from slmkd.generation import engines
+
+    cfg = _cfg(tmp_path)
+    recs = ev.evaluation_records(cfg, "gsm8k", limit=12) + ev.evaluation_records(cfg, "bbh",
+                                                                                limit=12)
+    _patch(monkeypatch, Oracle(recs))
+    loaded, closed = [], []
+    monkeypatch.setattr(slmkd.modeling, "load_tokenizer",
+                        lambda n, c, padding_side="right": FakeTokenizer())
+    monkeypatch.setattr(slmkd.modeling, "load_causal_lm",
+                        lambda n, c, **kw: loaded.append(n) or object())
+    real_close = engines.HFEngine.close
+    monkeypatch.setattr(engines.HFEngine, "close", lambda self: closed.append(1) or
+                        real_close(self))
+
+    def evaluate():
+        if which == "run":
+            return ev.evaluate_run(cfg, run, datasets=["gsm8k", "bbh"], limit=12,
+                                   show_progress=False)
+        return ev.evaluate_on_datasets(cfg, "some/base-model", ["gsm8k", "bbh"], kind="base",
+                                       limit=12, show_progress=False)
+
+    run = _fake_run(tmp_path)
+    out = evaluate()
+    assert set(out) == {"gsm8k", "bbh"} and out["gsm8k"]["n"] == 12 and out["bbh"]["n"] > 0
+    assert len(loaded) == 1 and closed == [1]
+    assert out["bbh"]["model_name"] == out["gsm8k"]["model_name"] == loaded[0]
+    again = evaluate()
+    assert len(loaded) == 1 and again["bbh"]["accuracy"] == out["bbh"]["accuracy"]

@@ -7,9 +7,11 @@ Answer extraction and correctness are :mod:`slmkd.scoring` (re-exported here for
 
 from slmkd.evaluation.evaluate import (
     evaluate_model,
+    evaluate_on_datasets,
     evaluate_run,
     evaluation_records,
     format_summary_line,
+    open_evaluation_engine,
     read_train_summary,
 )
 from slmkd.evaluation.leakage import LeakageError, check_no_leakage, training_questions_for_run
@@ -41,7 +43,8 @@ from slmkd.scoring import (
 
 __all__ = ["BBH_TASK_TYPES", "CASCOD_METHODS", "EVAL_META_FILE", "FINAL_ANSWER_PREFIX",
            "LeakageError", "PREDICTIONS_FILE", "SUMMARY_FILE", "bbh_task_type", "check_no_leakage",
-           "error_propagation", "eval_dir", "evaluate_model", "evaluate_run", "evaluation_records",
+           "error_propagation", "eval_dir", "evaluate_model", "evaluate_on_datasets", "evaluate_run",
+           "evaluation_records", "open_evaluation_engine",
            "extract_answer", "extract_bbh", "extract_gsm8k", "format_summary_line", "is_correct",
            "item_ids_hash", "normalize_number", "parse_options", "read_predictions",
            "read_train_summary", "rescore_eval_dir", "run_model_slug", "score_prediction",

@@ -134,6 +134,7 @@ def evaluate_model(
     tokenizer: Any = None,
     tokenizer_name: str | None = None,
     model_slug: str | None = None,
+    model_name: str | None = None,
     kind: str | None = None,
     student: str | None = None,
     seed: int | None = None,
@@ -146,9 +147,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Generate, score and summarise one model on one dataset; returns the summary dict.
 
-    ``model`` is a model name / local path (loaded only if some item still needs generating) or
-    a loaded model (then pass ``tokenizer``). Prompts are the training chat prompts
-    (:func:`slmkd.data.prompts.build_prompt`); CasCoD methods decode in two steps
+    ``model`` is a model name / local path (loaded only if some item still needs generating), a
+    loaded model (then pass ``tokenizer``), or an engine of :mod:`slmkd.generation.engines`
+    (then pass ``model_name``; :func:`evaluate_on_datasets` and :func:`evaluate_run` pass one
+    lazily opened engine for all datasets, so a model is loaded at most once). Prompts are the
+    training chat prompts (:func:`slmkd.data.prompts.build_prompt`); CasCoD methods decode in two steps
     (:func:`slmkd.generation.cascaded_generate`), others greedily
     (:func:`slmkd.generation.iter_generate_batched`, or vLLM with
     ``cfg.evaluation.backend == "vllm"``). Each finished batch is appended to
@@ -161,10 +164,16 @@ def evaluate_model(
     import time
 
     from slmkd.fileio import atomic_write_json
+    from slmkd.generation import is_engine
     from slmkd.modeling import model_slug as _slug
 
     dataset = dataset.lower()
-    name = model if isinstance(model, (str, os.PathLike)) else None
+    if is_engine(model):
+        if model_name is None:
+            raise ValueError("pass model_name= together with an engine")
+        name = str(model_name)
+    else:
+        name = model if isinstance(model, (str, os.PathLike)) else None
     if name is None and tokenizer is None:
         raise ValueError("pass tokenizer= together with a loaded model")
     slug = model_slug or (_slug(str(name)) if name is not None else "model")
@@ -281,52 +290,80 @@ def _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending
             done[rec.id] = row
         return rows
 
-    backend = getattr(cfg.evaluation, "backend", "hf")
-    if backend == "vllm" and name is not None and method not in CASCOD_METHODS:
-        from slmkd.generation import generate_batched_vllm
+    from slmkd import generation
+
+    def extra_of(outs):
+        return [{"num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
+                for o in outs]
+
+    # one engine serves every call on this model: the one passed in (evaluate_run and
+    # evaluate_on_datasets pass one for all datasets), else one opened here and closed after
+    own = not generation.is_engine(model)
+    if not own:
+        engine = model
+    elif name is not None:
+        engine = generation.open_engine(cfg, str(name), tokenizer=tokenizer,
+                                        tokenizer_name=tokenizer_name, batch_size=batch_size,
+                                        role="teacher" if name == cfg.teacher else "student")
+    else:  # a loaded HF model
+        engine = generation.HFEngine(model, tokenizer, batch_size=batch_size)
+    try:
+        if method in CASCOD_METHODS:
+            step = batch_size * 4  # persist every few batches
+            for k in range(0, len(prompts), step):
+                outs = generation.cascaded_generate(
+                    engine, tokenizer, prompts[k:k + step], answer_cue=cfg.cascod.answer_cue,
+                    max_new_tokens_rationale=max_new_tokens, batch_size=batch_size,
+                    desc=f"{desc} [{k}/{len(prompts)}]", show_progress=show_progress)
+                idx = list(range(k, k + len(outs)))
+                _append_rows(pred_path, rows_for(
+                    idx, [o["full_text"] for o in outs],
+                    [{"num_new_tokens": o["num_new_tokens"],
+                      "hit_max_new_tokens": bool(o["rationale_hit_max"] or o["answer_hit_max"]),
+                      "rationale": o["rationale"]} for o in outs]))
+            return
 
         def on_batch(b):
-            _append_rows(pred_path, rows_for(
-                b.indices, [o.text for o in b.outputs],
-                [{"num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
-                 for o in b.outputs]))
+            _append_rows(pred_path, rows_for(b.indices, [o.text for o in b.outputs],
+                                             extra_of(b.outputs)))
 
-        from slmkd.modeling import resolve_model_path
+        engine.generate(prompts, max_new_tokens=max_new_tokens, desc=desc, on_batch=on_batch,
+                        show_progress=show_progress)
+    finally:
+        if own:
+            engine.close()
 
-        generate_batched_vllm(resolve_model_path(str(name), cfg), tokenizer, prompts,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size * 8,
-                              desc=desc, on_batch=on_batch)
-        return
 
-    if name is not None:
-        from slmkd.modeling import load_causal_lm
+def open_evaluation_engine(cfg: Any, model: str, *, tokenizer_name: str | None = None,
+                           role: str = "student") -> Any:
+    """A :class:`slmkd.generation.LazyEngine` for ``model`` with ``cfg.evaluation``'s backend
+    and batch size: loaded on the first generation, then reused for every dataset; close it
+    (or use ``with``) before the next model is loaded."""
+    from slmkd import generation
 
-        model = load_causal_lm(str(name), cfg, role="student", for_training=False)
-    if method in CASCOD_METHODS:
-        from slmkd.generation import cascaded_generate
+    return generation.LazyEngine(
+        lambda: generation.open_engine(cfg, str(model), tokenizer_name=tokenizer_name,
+                                       role=role),
+        backend=getattr(cfg.evaluation, "backend", "hf"))
 
-        step = batch_size * 4  # persist every few batches
-        for k in range(0, len(prompts), step):
-            outs = cascaded_generate(
-                model, tokenizer, prompts[k:k + step], answer_cue=cfg.cascod.answer_cue,
-                max_new_tokens_rationale=max_new_tokens, batch_size=batch_size,
-                desc=f"{desc} [{k}/{len(prompts)}]", show_progress=show_progress)
-            idx = list(range(k, k + len(outs)))
-            _append_rows(pred_path, rows_for(
-                idx, [o["full_text"] for o in outs],
-                [{"num_new_tokens": o["num_new_tokens"],
-                  "hit_max_new_tokens": bool(o["rationale_hit_max"] or o["answer_hit_max"]),
-                  "rationale": o["rationale"]} for o in outs]))
-        return
-    from slmkd.generation import iter_generate_batched
 
-    for b in iter_generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, desc=desc,
-                                   show_progress=show_progress):
-        _append_rows(pred_path, rows_for(
-            b.indices, [o.text for o in b.outputs],
-            [{"num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
-             for o in b.outputs]))
+def evaluate_on_datasets(cfg: Any, model: str, datasets: Sequence[str] | None = None,
+                         **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_model` of one model on each of ``datasets`` (default
+    ``cfg.evaluation.datasets``) with the model loaded at most once (one engine, closed at the
+    end). ``kwargs`` go to :func:`evaluate_model`; returns ``{dataset: summary}``."""
+    role = "teacher" if kwargs.get("kind") == "teacher" or model == cfg.teacher else "student"
+    out: dict[str, dict[str, Any]] = {}
+    slug = kwargs.pop("model_slug", None)
+    from slmkd.modeling import model_slug as _slug
+
+    slug = slug or _slug(str(model))
+    tok_name = kwargs.pop("tokenizer_name", None)
+    with open_evaluation_engine(cfg, model, tokenizer_name=tok_name, role=role) as engine:
+        for ds in datasets or cfg.evaluation.datasets:
+            out[ds] = evaluate_model(cfg, engine, ds, model_slug=slug, tokenizer_name=tok_name,
+                                     model_name=str(model), **kwargs)
+    return out
 
 
 def read_train_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -370,11 +407,15 @@ def evaluate_run(
     slug = run_model_slug(method, student, seed)
     train_q = training_questions_for_run(cfg, ts) if check_leakage else None
     out: dict[str, dict[str, Any]] = {}
-    for ds in datasets or cfg.evaluation.datasets:
-        out[ds] = evaluate_model(
-            cfg, str(final), ds, method=method, limit=limit, model_slug=slug, kind="run",
-            student=student, seed=seed, train_questions=train_q, tokenizer_name=student,
-            force=force, show_progress=show_progress, **kwargs)
+    if "tokenizer" in kwargs or "model" in kwargs:
+        raise TypeError("evaluate_run loads the run's model itself")
+    with open_evaluation_engine(cfg, str(final), tokenizer_name=student) as engine:
+        for ds in datasets or cfg.evaluation.datasets:
+            out[ds] = evaluate_model(
+                cfg, engine, ds, model_name=str(final), method=method, limit=limit,
+                model_slug=slug, kind="run", student=student, seed=seed,
+                train_questions=train_q, tokenizer_name=student, force=force,
+                show_progress=show_progress, **kwargs)
     return out
 
 

@@ -283,12 +283,16 @@ def generate_batched_vllm(
     desc: str | None = None,
     llm_kwargs: dict[str, Any] | None = None,
     on_batch: Callable[[GenerationBatch], None] | None = None,
+    lora_request: Any = None,
+    show_progress: bool = True,
 ) -> list[GenerationOutput]:
     """The :func:`generate_batched` contract on vLLM: greedy (``temperature=0``), stop at the same
     EOS ids, ``skip_special_tokens``. ``llm_or_path`` is a ``vllm.LLM`` or a model path/name (an
     ``LLM`` is then built with ``llm_kwargs``). vLLM schedules its own continuous batches;
     ``batch_size`` here only sets how many prompts are submitted per call (and per ``on_batch``
-    callback, for incremental persistence); ``None`` submits all at once.
+    callback, for incremental persistence); ``None`` submits all at once. ``lora_request`` (a
+    ``vllm.lora.request.LoRARequest``) applies an adapter to every prompt. A path builds a new
+    engine per call: reuse one through :class:`slmkd.generation.engines.VLLMEngine`.
     """
     try:
         import vllm
@@ -314,7 +318,8 @@ def generate_batched_vllm(
     for k in range(0, len(prompts), step):
         t0 = time.perf_counter()
         chunk = prompts[k : k + step]
-        outs = llm.generate(chunk, params, use_tqdm=True)
+        kw = {"lora_request": lora_request} if lora_request is not None else {}
+        outs = llm.generate(chunk, params, use_tqdm=show_progress, **kw)
         batch_out = []
         for o in outs:
             c = o.outputs[0]

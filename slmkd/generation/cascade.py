@@ -49,7 +49,9 @@ def cascaded_generate(
     2. ``a = greedy(q + r + "\\n" + cue)`` until EOS (or ``max_new_tokens_answer``).
 
     For a peft model step 1 runs with the adapter off (:func:`rationale_model`: the stage-1
-    weights of ``cascod-2stage``) and step 2 with it on. With ``rationales`` given (e.g. the
+    weights of ``cascod-2stage``) and step 2 with it on. ``model`` may also be an open engine
+    of :mod:`slmkd.generation.engines` (HF or vLLM; a vLLM adapter is a LoRA request, off for
+    step 1). With ``rationales`` given (e.g. the
     teacher's), step 1 is skipped and those are used instead
     (the error-propagation probe). Returns, in prompt order, dicts with ``rationale``,
     ``answer_text`` (the generated continuation after the cue), ``full_text``
@@ -59,12 +61,20 @@ def cascaded_generate(
     word-sorting and Dyck answers are lists; the step stops at EOS anyway.
     """
     prompts = list(prompts)
+    engine = model if hasattr(model, "generate") and hasattr(model, "backend") else None
+
+    def gen(texts: list[str], max_new: int, adapter: bool, what: str):
+        d = (desc or "cascod") + f": {what}"
+        if engine is not None:  # an open slmkd.generation.engines engine (HF or vLLM)
+            return engine.generate(texts, max_new_tokens=max_new, adapter=adapter, desc=d,
+                                   show_progress=show_progress)
+        ctx = rationale_model(model) if not adapter else contextlib.nullcontext()
+        with ctx:
+            return generate_batched(model, tokenizer, texts, max_new_tokens=max_new,
+                                    batch_size=batch_size, desc=d, show_progress=show_progress)
+
     if rationales is None:
-        with rationale_model(model):
-            r_out = generate_batched(model, tokenizer, prompts,
-                                     max_new_tokens=max_new_tokens_rationale,
-                                     batch_size=batch_size, desc=(desc or "cascod") + ": rationale",
-                                     show_progress=show_progress)
+        r_out = gen(prompts, max_new_tokens_rationale, False, "rationale")
         rats = [o.text.strip() for o in r_out]
         r_hit = [o.hit_max_new_tokens for o in r_out]
         r_n = [o.num_new_tokens for o in r_out]
@@ -76,9 +86,7 @@ def cascaded_generate(
         r_n = [0] * len(prompts)
     contexts = [join_rationale_cue(r, answer_cue) for r in rats]
     answer_prompts = [p + c for p, c in zip(prompts, contexts, strict=True)]
-    a_out = generate_batched(model, tokenizer, answer_prompts,
-                             max_new_tokens=max_new_tokens_answer, batch_size=batch_size,
-                             desc=(desc or "cascod") + ": answer", show_progress=show_progress)
+    a_out = gen(answer_prompts, max_new_tokens_answer, True, "answer")
     return [
         {"rationale": r, "answer_text": a.text, "full_text": c + a.text,
          "rationale_hit_max": rh, "answer_hit_max": a.hit_max_new_tokens,

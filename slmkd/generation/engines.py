@@ -1,0 +1,263 @@
+"""Generation engines: one loaded model, reused for every call, released on :meth:`close`.
+
+An engine is opened once per model and serves every dataset (and both steps of CasCoD's
+cascaded decoding) before it is closed; only then is the next model loaded. This matters for
+vLLM: a ``vllm.LLM`` reserves ``gpu_memory_utilization`` of the card for its KV cache until its
+engine core is shut down, so a second engine next to a live one cannot start::
+
+    with open_engine(cfg, "runs/kd/.../final") as eng:          # loaded once
+        for ds in ("gsm8k", "bbh"):
+            outs = eng.generate(prompts[ds], max_new_tokens=512)
+    # closed: vLLM's engine core is shut down, its GPU memory released
+
+* :class:`HFEngine` — a loaded ``transformers`` model (a ``PeftModel`` for ``cascod-2stage``)
+  through :func:`slmkd.generation.generate_batched` (length-bucketed, greedy);
+  ``adapter=False`` runs the base weights (``disable_adapter``).
+* :class:`VLLMEngine` — ``vllm.LLM`` (greedy, continuous batching); an adapter folder is served
+  as its base model + a LoRA (``enable_lora``; ``adapter=False`` = no ``LoRARequest``, i.e. the
+  base weights). :meth:`VLLMEngine.close` shuts the engine core down (its worker process exits),
+  then frees what this process holds.
+
+Both return :class:`~slmkd.generation.GenerationOutput` in prompt order and call ``on_batch``
+with each finished :class:`~slmkd.generation.GenerationBatch` (the evaluator appends its rows).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from slmkd.generation.batched import GenerationBatch, GenerationOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HFEngine", "LazyEngine", "VLLMEngine", "is_engine", "open_engine",
+           "release_cuda_memory"]
+
+
+def release_cuda_memory() -> None:
+    """``gc.collect()`` then ``torch.cuda.empty_cache()`` (when CUDA is there)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _Engine:
+    backend = "?"
+    tokenizer: Any = None
+    closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"this {self.backend} engine is closed")
+
+
+class HFEngine(_Engine):
+    """A loaded HF causal LM (and its tokenizer) with :func:`iter_generate_batched`."""
+
+    backend = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, int(batch_size)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, adapter: bool = True,
+                 desc: str | None = None, on_batch: Callable[[GenerationBatch], None] | None = None,
+                 show_progress: bool = True) -> list[GenerationOutput]:
+        from slmkd import generation  # through the package: a test replaces a decoder there
+        from slmkd.generation.cascade import rationale_model
+
+        self._check_open()
+        results: list[GenerationOutput | None] = [None] * len(prompts)
+        ctx = rationale_model(self.model) if not adapter else _null()
+        with ctx:
+            for b in generation.iter_generate_batched(self.model, self.tokenizer, list(prompts),
+                                           max_new_tokens=max_new_tokens,
+                                           batch_size=self.batch_size, desc=desc,
+                                           show_progress=show_progress):
+                for i, o in zip(b.indices, b.outputs, strict=True):
+                    results[i] = o
+                if on_batch is not None:
+                    on_batch(b)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.model = None
+        self.closed = True
+        release_cuda_memory()
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class VLLMEngine(_Engine):
+    """``vllm.LLM`` over ``model_path`` (greedy), optionally with one LoRA adapter.
+
+    ``submit_size`` prompts are handed to vLLM per ``generate`` call (vLLM batches them itself;
+    each chunk is one ``on_batch`` callback, i.e. one append to ``predictions.jsonl``).
+    ``llm_kwargs`` go to ``vllm.LLM`` (``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
+    ``enforce_eager``, ...). ``llm`` may be passed (tests: a fake).
+    """
+
+    backend = "vllm"
+
+    def __init__(self, model_path: str, tokenizer: Any, *, adapter_path: str | None = None,
+                 lora_rank: int = 16, submit_size: int | None = None,
+                 llm_kwargs: dict[str, Any] | None = None, llm: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self.submit_size = submit_size
+        self.adapter_path = adapter_path
+        self._lora = None
+        kw = dict(llm_kwargs or {})
+        if adapter_path is not None:
+            kw.update(enable_lora=True, max_loras=1, max_lora_rank=max(8, int(lora_rank)))
+        if llm is None:
+            import vllm
+
+            llm = vllm.LLM(model=str(model_path), **kw)
+        self.llm = llm
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            self._lora = LoRARequest("adapter", 1, str(adapter_path))
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, adapter: bool = True,
+                 desc: str | None = None, on_batch: Callable[[GenerationBatch], None] | None = None,
+                 show_progress: bool = True) -> list[GenerationOutput]:
+        from slmkd import generation
+
+        self._check_open()
+        return generation.generate_batched_vllm(self.llm, self.tokenizer, list(prompts),
+                                     max_new_tokens=max_new_tokens, batch_size=self.submit_size,
+                                     desc=desc, on_batch=on_batch,
+                                     lora_request=self._lora if adapter else None,
+                                     show_progress=show_progress)
+
+    def close(self) -> None:
+        """Shut vLLM's engine core down (its worker process exits and the GPU memory it reserved
+        is released), then drop this process's references."""
+        if self.closed:
+            return
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as e:  # noqa: BLE001 - closing must not fail the caller
+                logger.warning("vLLM engine shutdown: %s", e)
+        del llm
+        self.closed = True
+        release_cuda_memory()
+
+
+def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: Any = None,
+                tokenizer_name: str | None = None, batch_size: int | None = None,
+                role: str = "student") -> HFEngine | VLLMEngine:
+    """The engine for model ``name`` (a key of ``cfg.models``, a Hub name or a local folder,
+    an adapter folder included) with ``backend`` (default ``cfg.evaluation.backend``).
+
+    vLLM settings: ``cfg.evaluation.vllm_gpu_memory_utilization`` and
+    ``cfg.evaluation.vllm_max_model_len`` (None: the model's), ``enforce_eager`` off CUDA; an
+    adapter folder is its base model + the adapter as a LoRA. HF: loaded with
+    :func:`slmkd.modeling.load_causal_lm` for ``role`` (a 4-bit teacher stays 4-bit), decoding in
+    batches of ``batch_size`` (default ``cfg.evaluation.batch_size``)."""
+    from slmkd.modeling import (
+        adapter_base_path,
+        is_adapter_dir,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model_path,
+    )
+
+    backend = backend or getattr(cfg.evaluation, "backend", "hf")
+    bs = int(batch_size or cfg.evaluation.batch_size)
+    if tokenizer is None:  # the model folder's own tokenizer, else tokenizer_name's; left pad
+        try:
+            tokenizer = load_tokenizer(str(name), cfg, padding_side="left")
+        except (OSError, ValueError):
+            if not tokenizer_name:
+                raise
+            tokenizer = load_tokenizer(tokenizer_name, cfg, padding_side="left")
+    if backend == "hf":
+        return HFEngine(load_causal_lm(str(name), cfg, role=role, for_training=False), tokenizer,
+                        batch_size=bs)
+    if backend != "vllm":
+        raise ValueError(f"unknown generation backend {backend!r}; choose 'hf' or 'vllm'")
+    import torch
+
+    path = resolve_model_path(str(name), cfg)
+    adapter = None
+    rank = 16
+    if is_adapter_dir(path):
+        import json
+        from pathlib import Path
+
+        adapter, path = path, adapter_base_path(path)
+        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+    ev = cfg.evaluation
+    kw: dict[str, Any] = {"gpu_memory_utilization": float(getattr(
+        ev, "vllm_gpu_memory_utilization", 0.85)), "seed": 0}
+    if getattr(ev, "vllm_max_model_len", None):
+        kw["max_model_len"] = int(ev.vllm_max_model_len)
+    if not torch.cuda.is_available():
+        kw["enforce_eager"] = True
+    if role == "teacher" and getattr(cfg.models, "teacher_load_in_4bit", False):
+        kw["quantization"] = "bitsandbytes"
+    return VLLMEngine(str(path), tokenizer, adapter_path=adapter, lora_rank=rank,
+                      submit_size=bs * 8, llm_kwargs=kw)
+
+
+def is_engine(obj: Any) -> bool:
+    """True for an engine of this module (or anything with ``generate`` + ``backend``)."""
+    return isinstance(obj, (_Engine, LazyEngine)) or (
+        hasattr(obj, "generate") and isinstance(getattr(obj, "backend", None), str))
+
+
+class LazyEngine:
+    """An engine opened on its first :meth:`generate` (by ``opener()``) and reused after: a
+    model whose predictions are all stored already is never loaded. :attr:`opened` counts how
+    many times the model was loaded (at most once)."""
+
+    def __init__(self, opener: Callable[[], Any], backend: str) -> None:
+        self._opener, self.backend = opener, backend
+        self._engine: Any = None
+        self.opened = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return None if self._engine is None else self._engine.tokenizer
+
+    def generate(self, prompts: Sequence[str], **kw: Any) -> list[GenerationOutput]:
+        if self._engine is None:
+            self._engine = self._opener()
+            self.opened += 1
+        return self._engine.generate(prompts, **kw)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
