@@ -177,6 +177,13 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 512
     backend: str = "hf"
+    #: vLLM (backend "vllm"): the share of the card one engine may reserve (weights + KV cache;
+    #: one engine at a time: slmkd.generation.engines closes it before the next model)
+    vllm_gpu_memory_utilization: float = 0.85
+    #: vLLM context length (None: the model's; 4096 covers BBH's 3-shot prompts + 512 new tokens)
+    vllm_max_model_len: int | None = 4096
+    #: vLLM weights dtype ("auto": the checkpoint's, bf16 for Qwen2.5)
+    vllm_dtype: str = "auto"
 
 
 @dataclass

@@ -147,6 +147,8 @@ def test_vllm_backend_same_contract(lm, monkeypatch):
             self.model = model
 
         def generate(self, prompts, params, use_tqdm=True):
+            # slmkd passes token prompts: the tokens HF generation would see
+            prompts = [tok.decode(p["prompt_token_ids"]) for p in prompts]
             calls.append((list(prompts), params.kw))
             outs = []
             for p in prompts:

@@ -278,8 +278,8 @@ def test_vllm_backend_writes_the_same_record_format(world, tok, monkeypatch, tmp
 
         def generate(self, prompts, params, use_tqdm=True):
             outs = []
-            for p in prompts:
-                o = scripted_output(p, params.kw["max_tokens"])
+            for p in prompts:  # token prompts, as slmkd passes them
+                o = scripted_output(tok.decode(p["prompt_token_ids"]), params.kw["max_tokens"])
                 c = types.SimpleNamespace(text=o.text, token_ids=[1] * o.num_new_tokens,
                                           finish_reason="length" if o.hit_max_new_tokens
                                           else "stop")

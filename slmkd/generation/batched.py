@@ -50,12 +50,14 @@ class GenerationOutput:
     ``text``: the generated continuation decoded without special tokens (EOS excluded);
     ``num_new_tokens``: generated tokens counted up to and including the stopping EOS (padding
     excluded); ``hit_max_new_tokens``: True when no EOS was produced within ``max_new_tokens``
-    (the continuation is truncated).
+    (the continuation is truncated); ``token_ids``: the generated ids before the stopping EOS
+    (what backends are compared on: a detokenizer may hold back an incomplete UTF-8 byte).
     """
 
     text: str
     num_new_tokens: int
     hit_max_new_tokens: bool
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ def iter_generate_batched(
                     n_new = stop + 1
                     hit_max = False
                 text = tokenizer.decode(gen, skip_special_tokens=True)
-                outputs.append(GenerationOutput(text, n_new, hit_max))
+                outputs.append(GenerationOutput(text, n_new, hit_max, tuple(gen)))
             total_new += sum(o.num_new_tokens for o in outputs)
             bar.update(len(bucket))
             elapsed = max(time.perf_counter() - t_start, 1e-9)
@@ -305,6 +307,7 @@ def generate_batched_vllm(
     if isinstance(llm_or_path, str):
         llm = vllm.LLM(model=llm_or_path, **(llm_kwargs or {}))
     eos_ids = eos_token_ids(None, tokenizer)
+    eos_set = set(eos_ids)
     params = vllm.SamplingParams(
         temperature=0.0,
         max_tokens=max_new_tokens,
@@ -319,13 +322,18 @@ def generate_batched_vllm(
         t0 = time.perf_counter()
         chunk = prompts[k : k + step]
         kw = {"lora_request": lora_request} if lora_request is not None else {}
-        outs = llm.generate(chunk, params, use_tqdm=show_progress, **kw)
+        # the tokens HF generation sees (the chat template already holds the special tokens):
+        # vLLM would otherwise tokenize the text itself, with add_special_tokens=True
+        ids = tokenizer(list(chunk), add_special_tokens=False)["input_ids"]
+        outs = llm.generate([{"prompt_token_ids": list(x)} for x in ids], params,
+                            use_tqdm=show_progress, **kw)
         batch_out = []
         for o in outs:
             c = o.outputs[0]
             n = len(c.token_ids)
             hit = getattr(c, "finish_reason", None) == "length"
-            batch_out.append(GenerationOutput(c.text, n, hit))
+            ids = tuple(int(t) for t in c.token_ids if int(t) not in eos_set)
+            batch_out.append(GenerationOutput(c.text, n, hit, ids))
         results.extend(batch_out)
         if on_batch is not None:
             on_batch(

@@ -215,6 +215,8 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
     ev = cfg.evaluation
     kw: dict[str, Any] = {"gpu_memory_utilization": float(getattr(
         ev, "vllm_gpu_memory_utilization", 0.85)), "seed": 0}
+    if getattr(ev, "vllm_dtype", "auto") != "auto":
+        kw["dtype"] = str(ev.vllm_dtype)
     if getattr(ev, "vllm_max_model_len", None):
         kw["max_model_len"] = int(ev.vllm_max_model_len)
     if not torch.cuda.is_available():
