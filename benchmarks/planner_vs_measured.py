@@ -198,6 +198,25 @@ def _expected_max_ratio(xs: list[float], b: int) -> float:
     return e / (sum(xs) / m)
 
 
+def _grouped_pad(rows: list[float], micro: int, group: int, epochs: int = 3) -> float:
+    """Padded / real tokens with :class:`slmkd.training.data.SeededLengthGroupedSampler`
+    (``group`` examples per optimiser step, micro-batches of ``micro`` padded to their longest
+    rounded up to a multiple of 8, as the CUDA collator does), over ``epochs`` epochs of seed 0."""
+    from slmkd.training.data import SeededLengthGroupedSampler
+
+    lens = [max(1, int(round(r))) for r in rows]
+    s = SeededLengthGroupedSampler(lens, group, seed=0)
+    padded = real = 0
+    for e in range(epochs):
+        s.set_epoch(e)
+        order = list(s)
+        for i in range(0, len(order), micro):
+            b = [lens[j] for j in order[i:i + micro]]
+            padded += len(b) * (-(-max(b) // 8) * 8)
+            real += sum(b)
+    return padded / real
+
+
 def token_stats(tokenizer_dir: Path, data_dir: Path, limit: int | None = None,
                 cot_mean: float = 200.0) -> dict[str, Any]:
     """The measured token constants (names as in ``slmkd.study_plan.CONSTANTS``)."""
@@ -233,6 +252,7 @@ def token_stats(tokenizer_dir: Path, data_dir: Path, limit: int | None = None,
         out[f"len_tail_b{b}"] = _expected_max_ratio(comps, b)
     for b in (1, 2, 4, 8, 16, 32, 64):
         out[f"row_pad_b{b}"] = _expected_max_ratio(rows, b)
+    out["row_pad_length_grouped"] = _grouped_pad(rows, micro=4, group=16)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

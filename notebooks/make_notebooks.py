@@ -39,6 +39,15 @@ if "google.colab" in sys.modules:
                    check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     f"git+https://github.com/{{REPO}}@main"], check=True)
+    # vLLM (generation backend "auto" uses it when importable): only a release built for the
+    # torch Colab already has -- pinning torch makes pip pick that release or give up, so torch
+    # is never replaced. Without vLLM the HF backend is used (slower; `slmkd plan` says how much).
+    import torch
+
+    pin = "torch==" + torch.__version__.split("+")[0]
+    ok = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "vllm", pin],
+                        timeout=900).returncode == 0
+    print("vLLM installed" if ok else f"no vLLM release for {{pin}}: generation uses HF")
 '''
 
 PARAM_HEAD = '''

@@ -90,6 +90,9 @@ class TrainConfig:
     #: a non-finite value in either model's supervised logits: "skip" the step (counted, logged)
     #: or "sanitize" it (NaN -> -M, clamp) and train on
     nonfinite: str = "skip"
+    #: draw each optimiser step's examples from a pool of similar lengths (less padding:
+    #: slmkd.training.data.SeededLengthGroupedSampler, deterministic per seed and epoch)
+    group_by_length: bool = False
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`transformers.TrainingArguments` (names mapped).
@@ -301,8 +304,12 @@ class ExperimentConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # 80 GB: 8-bit AdamW states keep one 3B checkpoint at 20 GB (37 GB with fp32 states), so the
     # study's Drive peak stays under 100 GB (`slmkd plan`: 94.7 GB; 111 GB with fp32 states).
+    # Both GPU profiles: vLLM for the teacher's CoT and the evaluation when it is installed
+    # (backend "auto"; one engine per model, closed before the next: slmkd.generation.engines),
+    # length-grouped training batches.
     "a100-80g": {"train.optim": "adamw_bnb_8bit", "generation.batch_size": 256,
-                 "evaluation.batch_size": 128},
+                 "evaluation.batch_size": 128, "generation.backend": "auto",
+                 "evaluation.backend": "auto", "train.group_by_length": True},
     # 40 GB: LoRA (r 16) on every student, so every method x student fits <= 38 GiB with the
     # bf16 teacher live (`slmkd plan --profile a100-40g`): the teacher that writes the CoT, the
     # KD teacher and the evaluated teacher are one model in one precision. LoRA's lr is higher.
@@ -310,7 +317,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "train.learning_rate": 2e-4, "train.optim": "adamw_torch_fused",
                  "train.batch_size": 4, "train.grad_accum_steps": 4,
                  "models.teacher_load_in_4bit": False, "generation.batch_size": 128,
-                 "evaluation.batch_size": 48},
+                 "evaluation.batch_size": 48, "generation.backend": "auto",
+                 "evaluation.backend": "auto", "evaluation.vllm_gpu_memory_utilization": 0.80,
+                 "train.group_by_length": True},
     "tiny": {
         # Calibrated on a 2-core CPU: docs/TINY_CALIBRATION.md (student-s, h64 x 2 layers, reached
         # 94% with plain CE after 1,000 steps of batch 32 at lr 5e-3; 500-600 steps stay < 15%).
@@ -471,8 +480,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.generation.dataset not in ("gsm8k", "bbh"):
         raise ConfigError(f"generation.dataset={cfg.generation.dataset!r}; known: 'gsm8k', 'bbh'.")
     for b in (cfg.generation.backend, cfg.evaluation.backend):
-        if b not in ("hf", "vllm"):
-            raise ConfigError(f"Unknown generation backend {b!r}; choose 'hf' or 'vllm'.")
+        if b not in ("hf", "vllm", "auto"):
+            raise ConfigError(f"Unknown generation backend {b!r}; choose 'hf', 'vllm' or 'auto' "
+                              "(vLLM when it is installed and a CUDA GPU is there, else HF).")
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"Unknown method {m!r}; choose from {list(METHODS)}.")

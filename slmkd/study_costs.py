@@ -120,8 +120,14 @@ _TABLE: list[Constant] = [
     _c("vllm_7b_a100_80g_tps", 2500, "tokens/s",
        "vLLM continuous batching (no bucket tails: a finished sequence frees its slot), "
        "Qwen2.5-7B bf16, ~256 concurrent sequences on an A100 80GB; order of magnitude of public "
-       "vLLM throughput benchmarks, NOT measured here (vLLM was not on the device machine); other "
-       "models and cards scaled as the HF figures", "assumed"),
+       "vLLM throughput benchmarks, NOT measured here (no GPU device was lent since vLLM's "
+       "lifecycle landed; benchmarks/vllm_lifecycle.py is the CPU check); other models and cards "
+       "scaled by bytes read per decode step (weights + KV of vllm_concurrency sequences) and "
+       "bandwidth: slmkd.study_costs.vllm_step_bytes", "assumed"),
+    _c("vllm_concurrency", 256, "sequences",
+       "vLLM's default max_num_seqs; decode is memory-bound there (a third-party A100 40GB "
+       "sweep, Llama-3.1-8B bf16, vLLM 0.23: single-stream decode at ~77% of the bandwidth "
+       "roofline, johnmusgrave.com/p/vllm-throughput-latency-sweep-on)", "assumed"),
     _c("vllm_engine_start_s", 60, "s", "vLLM engine start (weights, CUDA graphs, KV blocks)",
        "assumed"),
     _c("cascod_answer_steps", 16, "steps",
@@ -148,9 +154,10 @@ _TABLE: list[Constant] = [
     _c("row_pad_b16", 1.702, "x mean row", _ROW, "derived"),
     _c("row_pad_b32", 1.862, "x mean row", _ROW, "derived"),
     _c("row_pad_b64", 2.014, "x mean row", _ROW, "derived"),
-    _c("row_pad_length_grouped", 1.05, "x mean row",
-       "with length-grouped batches (cfg.train.group_by_length, if the trainer offers it)",
-       "assumed"),
+    _c("row_pad_length_grouped", 1.016, "x mean row",
+       "cfg.train.group_by_length (slmkd.training.data.SeededLengthGroupedSampler, 16 examples "
+       "per step, micro-batches of 4 padded to a multiple of 8) over the GSM8K-train rows, 3 "
+       "epochs, " + _TOK, "derived"),
     _c("cache_batch_rows", 16, "rows", "rows per teacher forward in the cache stage", "assumed"),
     # -- data -------------------------------------------------------------------------------------
     _c("gsm8k_train_items", 7473, "items", "openai/gsm8k train (shared/data/gsm8k)", "spec"),
@@ -334,6 +341,13 @@ def _scale(spec: ModelSpec, device: Device, four_bit: bool) -> float:
     return f * (const("gen_4bit_speed_factor") if four_bit else 1.0)
 
 
+def vllm_step_bytes(spec: ModelSpec, context: float, four_bit: bool = False) -> float:
+    """Bytes one vLLM decode step reads: the weights + ``vllm_concurrency`` sequences' KV cache
+    at ``context`` tokens each."""
+    return weight_bytes(spec, four_bit) + const("vllm_concurrency") * context * \
+        kv_bytes_per_token(spec)
+
+
 def generation_cost(spec: ModelSpec, n: int, batch: int, prompt_mean: float, mean_len: float,
                     max_new: int, device: Device, four_bit: bool = False,
                     backend: str = "hf") -> GenCost:
@@ -342,9 +356,13 @@ def generation_cost(spec: ModelSpec, n: int, batch: int, prompt_mean: float, mea
         return GenCost(0.0, 0.0, 0.0)
     b = max(1, min(int(batch), int(n)))
     if backend == "vllm":
-        a100 = Device("A100 80GB", 0, const("a100_80g_hbm_tbps"), None)
-        tps = (const("vllm_7b_a100_80g_tps") * _scale(spec, device, four_bit)
-               / _scale(model_spec("qwen2.5-7b"), a100, False))
+        # continuous batching with CUDA graphs: a decode step reads the weights and the live
+        # sequences' KV cache, so another model or card scales by bytes per step and bandwidth
+        ctx = prompt_mean + mean_len / 2
+        ref = model_spec("qwen2.5-7b")
+        tps = (const("vllm_7b_a100_80g_tps")
+               * vllm_step_bytes(ref, ctx, False) / vllm_step_bytes(spec, ctx, four_bit)
+               * device.hbm_tbps / const("a100_80g_hbm_tbps"))
         decode = n * min(mean_len, max_new) / tps
     else:
         steps = expected_decode_steps(mean_len, max_new, b)

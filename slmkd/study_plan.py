@@ -289,6 +289,13 @@ def _train_items(cfg: ExperimentConfig) -> int:
     return n if lim is None else min(n, int(lim))
 
 
+def _backend(backend: str) -> str:
+    """The backend the plan assumes: ``"auto"`` is vLLM (the notebooks' install cell installs
+    the vLLM release built for Colab's torch; without one the HF figures apply: plan with
+    ``generation.backend`` / ``evaluation.backend`` = ``"hf"``)."""
+    return "vllm" if backend == "auto" else backend
+
+
 def _pad_factor(cfg: ExperimentConfig, batch: int) -> float:
     if getattr(cfg.train, "group_by_length", False):
         return const("row_pad_length_grouped")
@@ -356,16 +363,16 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
         details["cot"] = "tiny world + tiny teacher CoT (2-core CPU calibration)"
     else:
         g = generation_cost(teacher, n_items, gen.batch_size, prompt_mean, comp_mean,
-                            gen.max_new_tokens, dev, four_bit, gen.backend)
+                            gen.max_new_tokens, dev, four_bit, _backend(gen.backend))
         extra = load_s(teacher, first=True) + (const("vllm_engine_start_s")
-                                               if gen.backend == "vllm" else 0.0)
+                                               if _backend(gen.backend) == "vllm" else 0.0)
         cot_s = g.seconds + extra
         floor_s += g.floor_seconds
         gap["generation (HF decode, bucket tails)"] += g.seconds - g.floor_seconds
         gap["loads, saves, copies"] += extra
         tps = g.generated_tokens / max(g.seconds, 1e-9)
         details["cot"] = (f"{teacher.name}{' 4-bit' if four_bit else ''}: {n_items:,} items, "
-                          f"{gen.backend}, batch {gen.batch_size}, ~{comp_mean:.0f} tokens each "
+                          f"{_backend(gen.backend)}, batch {gen.batch_size}, ~{comp_mean:.0f} tokens each "
                           f"(~{tps:,.0f} useful tokens/s)")
     stage_hours["cot"] = cot_s / 3600
 
@@ -502,19 +509,19 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
         if tiny:
             eval_s += const("tiny_eval_s") * len(ev.datasets) * (3 if cascod else 1)
             continue
-        extra = load_s(spec) + (const("vllm_engine_start_s") if ev.backend == "vllm" else 0.0)
+        extra = load_s(spec) + (const("vllm_engine_start_s") if _backend(ev.backend) == "vllm" else 0.0)
         cost = GenCost(0.0, 0.0, 0.0)
         for ds in ev.datasets:
             n = _eval_items(cfg, ds)
             eval_items_total += n
             p_mean, c_mean, _ = ds_stats[ds]
             cost = cost + generation_cost(spec, n, ev.batch_size, p_mean, c_mean,
-                                          ev.max_new_tokens, dev, q4, ev.backend)
+                                          ev.max_new_tokens, dev, q4, _backend(ev.backend))
             if cascod:  # the cascaded answer pass, and error propagation's teacher-rationale pass
                 for _ in range(2):
                     ans = const("cascod_answer_steps")
                     cost = cost + generation_cost(spec, n, ev.batch_size, p_mean + c_mean, ans,
-                                                  int(ans), dev, q4, ev.backend)
+                                                  int(ans), dev, q4, _backend(ev.backend))
         eval_s += cost.seconds + extra
         floor_s += cost.floor_seconds
         gap["generation (HF decode, bucket tails)"] += cost.seconds - cost.floor_seconds
@@ -523,7 +530,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     details["evaluate_04"] = (f"{len(targets)} models x {', '.join(ev.datasets)} "
                               f"({_eval_items(cfg, 'gsm8k') if 'gsm8k' in ev.datasets else 0} GSM8K"
                               + (f", {_eval_items(cfg, 'bbh')} BBH" if "bbh" in ev.datasets else "")
-                              + f" items), {ev.backend}, batch {ev.batch_size}, max_new_tokens "
+                              + f" items), {_backend(ev.backend)}, batch {ev.batch_size}, max_new_tokens "
                               f"{ev.max_new_tokens}"
                               + "; CasCoD runs: + answer pass + error propagation")
     stage_hours["report_05"] = const("report_s") / 3600

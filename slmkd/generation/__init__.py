@@ -16,12 +16,20 @@ from slmkd.generation.batched import (
     generate_batched_vllm,
     iter_generate_batched,
     length_sorted_buckets,
+    resolve_backend,
     vllm_available,
 )
 from slmkd.generation.cascade import cascaded_generate
-from slmkd.generation.engines import HFEngine, LazyEngine, VLLMEngine, is_engine, open_engine
+from slmkd.generation.engines import (
+    HFEngine,
+    LazyEngine,
+    VLLMEngine,
+    is_engine,
+    open_engine,
+    vllm_llm_kwargs,
+)
 
 __all__ = ["SDPA_EXCLUDE_CUDNN", "GenerationBatch", "GenerationOutput", "HFEngine", "LazyEngine",
-           "VLLMEngine", "cascaded_generate", "is_engine", "open_engine",
+           "VLLMEngine", "cascaded_generate", "is_engine", "open_engine", "vllm_llm_kwargs",
            "eos_token_ids", "generate_batched", "generate_batched_vllm", "iter_generate_batched",
-           "length_sorted_buckets", "vllm_available"]
+           "length_sorted_buckets", "resolve_backend", "vllm_available"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "iter_generate_batched",
     "generate_batched",
     "generate_batched_vllm",
+    "resolve_backend",
     "vllm_available",
     "length_sorted_buckets",
 ]
@@ -57,7 +58,7 @@ class GenerationOutput:
     text: str
     num_new_tokens: int
     hit_max_new_tokens: bool
-    token_ids: tuple[int, ...] | None = None
+    token_ids: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,20 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` → ``"vllm"`` when vLLM is importable and a CUDA GPU is there, else ``"hf"``;
+    ``"hf"`` / ``"vllm"`` as given."""
+    if backend != "auto":
+        return backend
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    return "vllm" if cuda and vllm_available() else "hf"
 
 
 def generate_batched_vllm(

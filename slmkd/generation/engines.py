@@ -34,7 +34,7 @@ from slmkd.generation.batched import GenerationBatch, GenerationOutput
 logger = logging.getLogger(__name__)
 
 __all__ = ["HFEngine", "LazyEngine", "VLLMEngine", "is_engine", "open_engine",
-           "release_cuda_memory"]
+           "release_cuda_memory", "vllm_llm_kwargs"]
 
 
 def release_cuda_memory() -> None:
@@ -179,6 +179,7 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
     adapter folder is its base model + the adapter as a LoRA. HF: loaded with
     :func:`slmkd.modeling.load_causal_lm` for ``role`` (a 4-bit teacher stays 4-bit), decoding in
     batches of ``batch_size`` (default ``cfg.evaluation.batch_size``)."""
+    from slmkd.generation.batched import resolve_backend
     from slmkd.modeling import (
         adapter_base_path,
         is_adapter_dir,
@@ -187,7 +188,7 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
         resolve_model_path,
     )
 
-    backend = backend or getattr(cfg.evaluation, "backend", "hf")
+    backend = resolve_backend(backend or getattr(cfg.evaluation, "backend", "hf"))
     bs = int(batch_size or cfg.evaluation.batch_size)
     if tokenizer is None:  # the model folder's own tokenizer, else tokenizer_name's; left pad
         try:
@@ -201,7 +202,6 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
                         batch_size=bs)
     if backend != "vllm":
         raise ValueError(f"unknown generation backend {backend!r}; choose 'hf' or 'vllm'")
-    import torch
 
     path = resolve_model_path(str(name), cfg)
     adapter = None
@@ -212,6 +212,16 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
 
         adapter, path = path, adapter_base_path(path)
         rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+    four_bit = role == "teacher" and bool(getattr(cfg.models, "teacher_load_in_4bit", False))
+    return VLLMEngine(str(path), tokenizer, adapter_path=adapter, lora_rank=rank,
+                      submit_size=bs * 8, llm_kwargs=vllm_llm_kwargs(cfg, four_bit=four_bit))
+
+
+def vllm_llm_kwargs(cfg: Any, *, four_bit: bool = False) -> dict[str, Any]:
+    """``vllm.LLM`` settings from ``cfg.evaluation.vllm_*`` (share of the card, context length,
+    dtype), greedy-deterministic seed 0, eager mode off CUDA, bitsandbytes for a 4-bit teacher."""
+    import torch
+
     ev = cfg.evaluation
     kw: dict[str, Any] = {"gpu_memory_utilization": float(getattr(
         ev, "vllm_gpu_memory_utilization", 0.85)), "seed": 0}
@@ -221,10 +231,9 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
         kw["max_model_len"] = int(ev.vllm_max_model_len)
     if not torch.cuda.is_available():
         kw["enforce_eager"] = True
-    if role == "teacher" and getattr(cfg.models, "teacher_load_in_4bit", False):
+    if four_bit:
         kw["quantization"] = "bitsandbytes"
-    return VLLMEngine(str(path), tokenizer, adapter_path=adapter, lora_rank=rank,
-                      submit_size=bs * 8, llm_kwargs=kw)
+    return kw
 
 
 def is_engine(obj: Any) -> bool:

@@ -304,6 +304,7 @@ def generate_cot(
             continue).
         model, tokenizer: an already loaded teacher (HF backend), else loaded from ``teacher``.
     """
+    from slmkd import generation
     from slmkd.fileio import atomic_write_json, read_json
     from slmkd.modeling import load_tokenizer, model_slug, resolve_model_path
 
@@ -311,7 +312,7 @@ def generate_cot(
     dataset = dataset or g.dataset
     teacher = teacher or cfg.models.teacher_medium
     limit = limit if limit is not None else g.limit
-    backend = g.backend
+    backend = generation.resolve_backend(g.backend) if model is None else "hf"
     out_dir = Path(output_dir) if output_dir is not None else cot_dir(cfg, dataset, teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = generation_settings(cfg, dataset, teacher)
@@ -469,7 +470,10 @@ def _generate_pending(cfg: Any, teacher: str, pending: list[Any], prompts: dict[
     g = cfg.generation
     texts = [prompts[r.id] for r in pending]
     desc = f"teacher CoT ({len(pending)})"
-    if g.backend == "vllm" and model is None:
+    if g.backend == "auto" and model is None and generation.resolve_backend("auto") == "hf":
+        print("generation.backend='auto': vLLM is not installed (or no CUDA GPU): the teacher "
+              "writes its CoT with HF generate", flush=True)
+    if generation.resolve_backend(g.backend) == "vllm" and model is None:
         if not generation.vllm_available():
             raise ConfigError("generation.backend='vllm' but vllm is not installed; "
                               "pip install vllm, or set generation.backend='hf'.")
@@ -486,9 +490,11 @@ def _generate_pending(cfg: Any, teacher: str, pending: list[Any], prompts: dict[
         chunk = max(int(g.batch_size), int(getattr(g, "shard_size", 0) or 0))
         if max_batches is not None:
             texts = texts[: chunk * max_batches]
-        generation.generate_batched_vllm(resolve(teacher, cfg), tokenizer, texts,
-                                         max_new_tokens=int(g.max_new_tokens),
-                                         batch_size=chunk, desc=desc, on_batch=on_batch)
+        # one engine, shut down at the end: the cache stage and training load the teacher next
+        with generation.VLLMEngine(str(resolve(teacher, cfg)), tokenizer, submit_size=chunk,
+                                   llm_kwargs=generation.vllm_llm_kwargs(cfg)) as engine:
+            engine.generate(texts, max_new_tokens=int(g.max_new_tokens), desc=desc,
+                            on_batch=on_batch, show_progress=show_progress)
         return
     if model is None:
         if cfg.models.teacher_load_in_4bit:

@@ -202,3 +202,39 @@ def _cot_complete(cdir: Any) -> bool:
 
     cdir = Path(cdir)
     return (cdir / "cot_stats.json").is_file() and any(cdir.glob("shard-*.jsonl"))
+
+
+def example_length(item: dict[str, Any]) -> int:
+    """The padded width an example needs: ``len(input_ids)``, or for a CasCoD pair the longer of
+    its rationale and answer rows (the collator pads both to one width)."""
+    if "input_ids" in item:
+        return len(item["input_ids"])
+    return max(len(item["rationale_input_ids"]), len(item["answer_input_ids"]))
+
+
+class SeededLengthGroupedSampler:
+    """Length-grouped sampling (``transformers.trainer_pt_utils.get_length_grouped_indices``:
+    a random permutation cut into mega-batches of 50 steps, each sorted by length, so one step's
+    examples have similar lengths and little padding), seeded by ``seed`` and the epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)`` — not on the global RNG — so a run
+    resumed mid-epoch (``set_epoch`` is called by the Trainer's dataloader; the already-seen
+    batches are skipped) sees the same order as an uninterrupted one. ``group`` is the number of
+    examples per optimiser step (per-device batch × gradient accumulation × processes)."""
+
+    def __init__(self, lengths: Sequence[int], group: int, seed: int) -> None:
+        self.lengths = [int(n) for n in lengths]
+        self.group, self.seed, self.epoch = int(group), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group, generator=g))

@@ -154,6 +154,21 @@ class DistillationTrainer(Trainer):
     """:class:`transformers.Trainer` with a registered method's loss, global token normalisation,
     skip guards, per-epoch schedules, extra log metrics and Drive-synced checkpoints."""
 
+    def _get_train_sampler(self, train_dataset=None):
+        """``cfg.train.group_by_length``: :class:`slmkd.training.data.SeededLengthGroupedSampler`
+        (seeded by ``data_seed`` and the epoch; works for CasCoD pairs, whose items have no
+        ``input_ids``; the Trainer's own option is named differently across 5.x). Otherwise the
+        Trainer's sampler. Internal hook, proven on transformers 5.0 and 5.24 (ci_floor)."""
+        if not getattr(self.cfg.train, "group_by_length", False):
+            return super()._get_train_sampler(train_dataset)
+        from slmkd.training.data import SeededLengthGroupedSampler, example_length
+
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        group = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                 * max(1, self.args.world_size))
+        return SeededLengthGroupedSampler([example_length(ds[i]) for i in range(len(ds))],
+                                          group, int(self.args.data_seed or self.args.seed))
+
     def __init__(self, *args: Any, spec: MethodSpec, cfg: ExperimentConfig, teacher: Any = None,
                  vocab_size: int, guard: GuardState | None = None,
                  syncer: DriveSyncer | None = None, run_state: dict[str, Any] | None = None,
