@@ -90,43 +90,24 @@ def upgrade_row(row: dict[str, Any], dataset: str | None = None) -> tuple[dict[s
 
 def read_predictions(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], int]:
     """Rows of a predictions file by id (first occurrence wins) and the number of unreadable
-    lines (a write cut short by a crash leaves at most one)."""
-    rows: dict[str, dict[str, Any]] = {}
-    bad = 0
-    p = Path(path)
-    if not p.is_file():
-        return rows, 0
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rid = str(row["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                bad += 1
-                continue
-            rows.setdefault(rid, row)
-    return rows, bad
+    lines (a write cut short by a crash leaves at most one): :func:`slmkd.fileio.read_jsonl_by_id`."""
+    from slmkd.fileio import read_jsonl_by_id
+
+    return read_jsonl_by_id(path)
 
 
 def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append complete lines in one write, flushed and fsynced (a crash loses at most the
-    batch being written, which :func:`read_predictions` then drops)."""
-    if not rows:
-        return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append complete lines in one write, flushed and fsynced (:func:`slmkd.fileio.append_jsonl`)."""
+    from slmkd.fileio import append_jsonl
+
+    append_jsonl(path, rows)
 
 
 def _rewrite_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Replace the predictions file atomically (dropping a cut line, storing re-scored rows)."""
-    from slmkd.fileio import atomic_write_text
+    from slmkd.fileio import atomic_write_jsonl
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_jsonl(path, rows)
 
 
 def _accuracy(values: Sequence[bool]) -> float:

@@ -222,6 +222,151 @@ def _apply_lora(cfg: ExperimentConfig, model: Any) -> Any:
 
 
 # =============================================================================================
+# the run folder (shared with slmkd.training.staged's adapter stage)
+# =============================================================================================
+def check_run_identity(run_dir: Path, ident: dict[str, Any], force: bool) -> bool:
+    """Compare ``ident`` with the identity ``run.json`` recorded: a difference is a
+    :class:`RunConfigMismatchError` unless ``force``. Returns True when a finished run is to be
+    retrained (forced with a changed identity)."""
+    run_meta_path = run_dir / RUN_META_NAME
+    if not run_meta_path.is_file():
+        return False
+    diffs = _diff(read_json(run_meta_path).get("identity", {}), ident)
+    if diffs and not force:
+        raise RunConfigMismatchError(
+            f"{run_dir} was trained with another configuration:\n  " + "\n  ".join(diffs)
+            + "\nResume with the original settings, choose another --run-dir, or pass "
+            "--force (force=True) to continue with the new settings.")
+    if diffs:
+        _say(f"--force: continuing {run_dir} with a changed configuration: {diffs}")
+        return is_run_complete(run_dir)
+    return False
+
+
+def open_run_folders(run_dir: Path, local_dir: Path, result_name: str, *, fresh: bool,
+                     main: bool) -> TrainResult | None:
+    """Remove the run's stale partial copies (``.tmp-*`` / ``.old-*``: a copy cut by a crash or
+    a disconnect) on Drive and local disk; when the run is already complete (and not to be
+    retrained) remove its leftover checkpoints and return its :class:`TrainResult`, else
+    None."""
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    if main:
+        for folder, names in ((drive_ckpt_dir, None), (run_dir, [result_name]),
+                              (local_dir, None)):
+            for p, size in remove_stale_copies(folder, names):
+                _say(f"removed a stale partial copy {p} ({fmt_bytes(size)}; a copy cut by a "
+                     "crash or a disconnect)")
+    if not is_run_complete(run_dir) or fresh:
+        return None
+    summary = read_json(run_dir / SUMMARY_NAME)
+    if main:  # a run cut between its summary and the removal of its checkpoints
+        freed = remove_checkpoint_folder(drive_ckpt_dir) + dir_bytes(local_dir)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        if freed:
+            _say(f"removed {fmt_bytes(freed)} of checkpoints left by the completed run")
+    _say(f"{run_dir} is already complete (train_summary.json); nothing to do.")
+    return TrainResult(run_dir, run_dir / summary.get("final_model_dir", result_name), summary)
+
+
+def prepare_resume(cfg: ExperimentConfig, label: str, *, run_dir: Path, local_dir: Path,
+                   fresh: bool, main: bool, ident: dict[str, Any], cot_path: Any
+                   ) -> tuple[Path | None, GuardState]:
+    """Pick the checkpoint to resume from (the newest valid one on local disk or Drive; none
+    when ``fresh``), restore the guard counts from it, cut ``log.jsonl`` back to its step (or
+    start a new log), keep only that checkpoint on local disk, and record the run's config and
+    identity (``config.json``, ``run.json``). Returns ``(checkpoint or None, guard)``."""
+    from accelerate import PartialState
+
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    guard = GuardState()
+    resume = None
+    if not fresh:
+        resume = select_resume_checkpoint([local_dir, drive_ckpt_dir],
+                                          report=_say if main else logger.debug)
+    if resume is not None:
+        st = read_json(resume / STATE_NAME) if (resume / STATE_NAME).is_file() else {}
+        guard = GuardState.from_dict(st.get("guard", {}))
+        step = int(st.get("global_step", 0))
+        if main:
+            truncate_log(run_dir / LOG_NAME, step)
+        _say(f"[{label}] resuming from {resume} (step {step}, {guard.skipped} skipped so far)")
+    elif main:
+        (run_dir / LOG_NAME).unlink(missing_ok=True)
+    if main:
+        for _, p in list_checkpoints(local_dir):  # older or unusable: local keeps one
+            if resume is None or p.resolve() != resume.resolve():
+                shutil.rmtree(p, ignore_errors=True)
+        cfg.save(run_dir / CONFIG_NAME)
+        atomic_write_json(run_dir / RUN_META_NAME, {"identity": ident, "cot_dir": cot_path,
+                                                    "local_checkpoint_dir": str(local_dir)})
+    PartialState().wait_for_everyone()
+    return resume, guard
+
+
+def start_syncer(run_dir: Path, local_dir: Path, resume: Path | None,
+                 main: bool) -> DriveSyncer | None:
+    """The main process's :class:`DriveSyncer` to ``{run_dir}/checkpoints``; a local resume
+    checkpoint newer than Drive's (e.g. a copy cut by an interrupt) is copied again."""
+    if not main:
+        return None
+    drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
+    syncer = DriveSyncer(drive_ckpt_dir, keep_last=1, report=_say)
+    if resume is not None and resume.parent.resolve() == local_dir.resolve():
+        on_drive = [s for s, _ in list_checkpoints(drive_ckpt_dir)]
+        if not on_drive or (checkpoint_step(resume) or 0) > max(on_drive):
+            syncer.submit(resume)
+    return syncer
+
+
+def run_trainer(trainer: Any, resume: Path | None, syncer: DriveSyncer | None) -> None:
+    """``trainer.train`` (resuming from ``resume``); after a crash let the copy in progress
+    finish (bounded; cancelled on Ctrl-C); after success cancel a pending copy (the run is
+    complete, its checkpoints are moot)."""
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException as e:
+        if syncer is not None:
+            syncer.close(timeout=600, cancel=isinstance(e, KeyboardInterrupt))
+        raise
+    if syncer is not None:
+        syncer.close(cancel=True)
+        if syncer.cancelled:
+            logger.info("cancelled the copy of %s: the run is complete",
+                        [p.name for p in syncer.cancelled])
+
+
+def common_summary(cfg: ExperimentConfig, trainer: Any, *, method: str, student_name: str,
+                   seed: int, run_dir: Path, t_start: float, stats_dict: dict[str, Any],
+                   cot_path: Any, resume: Path | None, ckpt_cb: CheckpointSchedule,
+                   syncer: DriveSyncer | None) -> dict[str, Any]:
+    """The ``train_summary.json`` fields every run has (steps, skips by reason, sanitised rows,
+    final losses from ``log.jsonl``, data statistics, resume point, checkpoints, Drive
+    failures, peak VRAM); draws the plots if the monitor did not."""
+    entries = read_log(run_dir / LOG_NAME)
+    last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
+    if not (run_dir / "plots" / "loss.png").is_file():
+        with contextlib.suppress(Exception):
+            save_plots(entries, run_dir / "plots")
+    g = trainer.guard
+    frac = g.skipped_fraction
+    return {
+        "method": method, "student": student_name, "seed": int(seed),
+        "dataset": cfg.generation.dataset, "steps": int(trainer.state.global_step),
+        "optimizer_steps_taken": g.steps - g.skipped,
+        "skipped_batches": g.skipped, "skipped_fraction": frac,
+        "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
+        "sanitized_nonfinite_rows": dict(g.sanitized),
+        "final_loss": last.get("loss"), "final_ce": last.get("ce"),
+        "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
+        "data": stats_dict, "cot_dir": cot_path,
+        "resumed_from": str(resume) if resume is not None else None,
+        "checkpoints_saved": ckpt_cb.saved_steps,
+        "drive_sync_failures": syncer.failures if syncer is not None else [],
+        "peak_vram_gb": vram_stats().get("vram_peak_gb"),
+    }
+
+
+# =============================================================================================
 # the final model on Drive
 # =============================================================================================
 _FINAL_COPY_RETRIES = 3
@@ -347,35 +492,12 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
     ident = run_identity(cfg, spec, student_name, seed, max_steps)
     if init_model is not None:
         ident["init_model"] = str(init_model)
-    run_meta_path = run_dir / RUN_META_NAME
-    fresh = False
-    if run_meta_path.is_file():
-        old = read_json(run_meta_path).get("identity", {})
-        diffs = _diff(old, ident)
-        if diffs and not force:
-            raise RunConfigMismatchError(
-                f"{run_dir} was trained with another configuration:\n  " + "\n  ".join(diffs)
-                + "\nResume with the original settings, choose another --run-dir, or pass "
-                "--force (force=True) to continue with the new settings.")
-        if diffs:
-            _say(f"--force: continuing {run_dir} with a changed configuration: {diffs}")
-            fresh = is_run_complete(run_dir)
+    fresh = check_run_identity(run_dir, ident, force)
     local_dir = local_checkpoint_dir(cfg, run_dir)
     drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
-    if main:
-        for folder, names in ((drive_ckpt_dir, None), (run_dir, [FINAL_DIR]), (local_dir, None)):
-            for p, size in remove_stale_copies(folder, names):
-                _say(f"removed a stale partial copy {p} ({fmt_bytes(size)}; a copy cut by a "
-                     "crash or a disconnect)")
-    if is_run_complete(run_dir) and not fresh:
-        summary = read_json(run_dir / SUMMARY_NAME)
-        if main:  # a run cut between its summary and the removal of its checkpoints
-            freed = remove_checkpoint_folder(drive_ckpt_dir) + dir_bytes(local_dir)
-            shutil.rmtree(local_dir, ignore_errors=True)
-            if freed:
-                _say(f"removed {fmt_bytes(freed)} of checkpoints left by the completed run")
-        _say(f"{run_dir} is already complete (train_summary.json); nothing to do.")
-        return TrainResult(run_dir, run_dir / summary.get("final_model_dir", FINAL_DIR), summary)
+    done = open_run_folders(run_dir, local_dir, FINAL_DIR, fresh=fresh, main=main)
+    if done is not None:
+        return done
 
     pending = _read_pending(local_dir, ident) if main and not fresh else None
     if pending is not None:
@@ -479,35 +601,9 @@ def _fit(cfg: ExperimentConfig, spec: MethodSpec, method: str, student_name: str
     every_s, every_steps = save_schedule(cfg, save_steps)
     args = _build_training_args(cfg, local_dir, seed, max_steps, every_steps, device)
 
-    # -- resume ----------------------------------------------------------------------------
-    guard = GuardState()
-    resume = None
-    if not fresh:
-        resume = select_resume_checkpoint([local_dir, drive_ckpt_dir],
-                                          report=_say if main else logger.debug)
-    if resume is not None:
-        st = read_json(resume / STATE_NAME) if (resume / STATE_NAME).is_file() else {}
-        guard = GuardState.from_dict(st.get("guard", {}))
-        step = int(st.get("global_step", 0))
-        if main:
-            truncate_log(run_dir / LOG_NAME, step)
-        _say(f"[{method}] resuming from {resume} (step {step}, {guard.skipped} skipped so far)")
-    elif main:
-        (run_dir / LOG_NAME).unlink(missing_ok=True)
-    if main:
-        for _, p in list_checkpoints(local_dir):  # older or unusable: local keeps one
-            if resume is None or p.resolve() != resume.resolve():
-                shutil.rmtree(p, ignore_errors=True)
-        cfg.save(run_dir / CONFIG_NAME)
-        atomic_write_json(run_dir / RUN_META_NAME, {"identity": ident, "cot_dir": cot_path,
-                                                    "local_checkpoint_dir": str(local_dir)})
-    state.wait_for_everyone()
-
-    syncer = DriveSyncer(drive_ckpt_dir, keep_last=1, report=_say) if main else None
-    if syncer is not None and resume is not None and resume.parent.resolve() == local_dir.resolve():
-        on_drive = [s for s, _ in list_checkpoints(drive_ckpt_dir)]
-        if not on_drive or (checkpoint_step(resume) or 0) > max(on_drive):
-            syncer.submit(resume)  # newer than Drive's (e.g. a copy cut by an interrupt)
+    resume, guard = prepare_resume(cfg, method, run_dir=run_dir, local_dir=local_dir,
+                                   fresh=fresh, main=main, ident=ident, cot_path=cot_path)
+    syncer = start_syncer(run_dir, local_dir, resume, main)
     collator = (spec.make_collator(cfg, tokenizer) if spec.make_collator
                 else PaddingCollator(tokenizer.pad_token_id,
                                      pad_to_multiple_of=8 if device.type == "cuda" else None))
@@ -521,17 +617,7 @@ def _fit(cfg: ExperimentConfig, spec: MethodSpec, method: str, student_name: str
             processing_class=tokenizer, spec=spec, cfg=cfg, teacher=teacher,
             vocab_size=len(tokenizer), guard=guard, syncer=syncer, callbacks=callbacks)
         sched_cb.trainer = trainer
-        try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        except BaseException as e:
-            if syncer is not None:  # a crash: let the copy in progress finish (bounded)
-                syncer.close(timeout=600, cancel=isinstance(e, KeyboardInterrupt))
-            raise
-        if syncer is not None:
-            syncer.close(cancel=True)  # the run is complete: a pending checkpoint copy is moot
-            if syncer.cancelled:
-                logger.info("cancelled the copy of %s: the run is complete",
-                            [p.name for p in syncer.cancelled])
+        run_trainer(trainer, resume, syncer)
 
         # -- final model (local disk), summary ------------------------------------------------
         summary = None
@@ -542,29 +628,13 @@ def _fit(cfg: ExperimentConfig, spec: MethodSpec, method: str, student_name: str
             final_dtype = str(getattr(cfg.train, "final_dtype", "fp32"))
             save_final_model(to_save, tokenizer, local_dir / FINAL_DIR, final_dtype)
             to_save = None
-            entries = read_log(run_dir / LOG_NAME)
-            last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
-            if not (run_dir / "plots" / "loss.png").is_file():
-                with contextlib.suppress(Exception):
-                    save_plots(entries, run_dir / "plots")
-            g = trainer.guard
-            frac = g.skipped_fraction
             summary = {
-                "method": method, "student": student_name, "seed": int(seed),
-                "dataset": cfg.generation.dataset, "final_model_dir": FINAL_DIR,
-                "final_dtype": final_dtype, "steps": int(trainer.state.global_step),
-                "optimizer_steps_taken": g.steps - g.skipped,
-                "skipped_batches": g.skipped, "skipped_fraction": frac,
-                "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
-                "sanitized_nonfinite_rows": dict(g.sanitized),
-                "final_loss": last.get("loss"), "final_ce": last.get("ce"),
-                "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
-                "data": stats_dict, "cot_dir": cot_path,
-                "resumed_from": str(resume) if resume is not None else None,
-                "checkpoints_saved": ckpt_cb.saved_steps,
-                "drive_sync_failures": syncer.failures if syncer is not None else [],
+                **common_summary(cfg, trainer, method=method, student_name=student_name,
+                                 seed=seed, run_dir=run_dir, t_start=t_start,
+                                 stats_dict=stats_dict, cot_path=cot_path, resume=resume,
+                                 ckpt_cb=ckpt_cb, syncer=syncer),
+                "final_model_dir": FINAL_DIR, "final_dtype": final_dtype,
                 "teacher": cfg.teacher if spec.needs_teacher else None,
-                "peak_vram_gb": vram_stats().get("vram_peak_gb"),
             }
         state.wait_for_everyone()
         return summary, syncer

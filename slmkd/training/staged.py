@@ -59,22 +59,23 @@ from slmkd.training.methods import get_method
 from slmkd.training.run import (
     CHECKPOINTS_DIR,
     CONFIG_NAME,
-    RUN_META_NAME,
-    SKIP_WARN_FRACTION,
     SUMMARY_NAME,
     CheckpointSchedule,
-    RunConfigMismatchError,
     TrainResult,
     _build_training_args,
-    _diff,
     _free_memory,
     _say,
-    is_run_complete,
+    check_run_identity,
+    common_summary,
     local_checkpoint_dir,
+    open_run_folders,
+    prepare_resume,
     release_trainer,
     run_dir_for,
     run_identity,
+    run_trainer,
     save_schedule,
+    start_syncer,
 )
 from slmkd.training.run import train as train_single
 
@@ -225,12 +226,7 @@ def train_adapter_stage(cfg: ExperimentConfig, stage: str, student: str, seed: i
 
     from accelerate import PartialState
 
-    from slmkd.training.checkpoint import (
-        dir_bytes,
-        fmt_bytes,
-        remove_checkpoint_folder,
-        remove_stale_copies,
-    )
+    from slmkd.training.checkpoint import remove_checkpoint_folder
 
     spec = get_method(stage)
     state = PartialState()
@@ -241,33 +237,12 @@ def train_adapter_stage(cfg: ExperimentConfig, stage: str, student: str, seed: i
     ident = run_identity(cfg, spec, student_name, seed, steps)
     ident.update({"adapter": "lora", "init_model": os.path.relpath(base_dir, run_dir),
                   "init_model_summary": _file_sha(base_dir.parent / SUMMARY_NAME)})
-    run_meta_path = run_dir / RUN_META_NAME
-    fresh = False
-    if run_meta_path.is_file():
-        diffs = _diff(read_json(run_meta_path).get("identity", {}), ident)
-        if diffs and not force:
-            raise RunConfigMismatchError(
-                f"{run_dir} was trained with another configuration:\n  " + "\n  ".join(diffs)
-                + "\nResume with the original settings, choose another --run-dir, or pass "
-                "--force (force=True) to continue with the new settings.")
-        if diffs:
-            _say(f"--force: continuing {run_dir} with a changed configuration: {diffs}")
-            fresh = is_run_complete(run_dir)
+    fresh = check_run_identity(run_dir, ident, force)
     local_dir = local_checkpoint_dir(cfg, run_dir)
     drive_ckpt_dir = run_dir / CHECKPOINTS_DIR
-    if main:
-        for folder, names in ((drive_ckpt_dir, None), (run_dir, [ADAPTER_DIR]), (local_dir, None)):
-            for p, size in remove_stale_copies(folder, names):
-                _say(f"removed a stale partial copy {p} ({fmt_bytes(size)})")
-    if is_run_complete(run_dir) and not fresh:
-        summary = read_json(run_dir / SUMMARY_NAME)
-        if main:  # a run cut between its summary and the removal of its checkpoints
-            freed = remove_checkpoint_folder(drive_ckpt_dir) + dir_bytes(local_dir)
-            shutil.rmtree(local_dir, ignore_errors=True)
-            if freed:
-                _say(f"removed {fmt_bytes(freed)} of checkpoints left by the completed run")
-        _say(f"{run_dir} is already complete (train_summary.json); nothing to do.")
-        return TrainResult(run_dir, run_dir / summary.get("final_model_dir", ADAPTER_DIR), summary)
+    done = open_run_folders(run_dir, local_dir, ADAPTER_DIR, fresh=fresh, main=main)
+    if done is not None:
+        return done
 
     summary = _fit_adapter(cfg, spec, stage, student_name, seed, run_dir=run_dir,
                            base_dir=base_dir, local_dir=local_dir, steps=steps,
@@ -318,23 +293,10 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
     from transformers import set_seed
 
     from slmkd.modeling import load_causal_lm, load_tokenizer
-    from slmkd.training.checkpoint import (
-        DriveSyncer,
-        checkpoint_step,
-        list_checkpoints,
-        remove_checkpoint_folder,
-        select_resume_checkpoint,
-    )
+    from slmkd.training.checkpoint import remove_checkpoint_folder
     from slmkd.training.data import PaddingCollator, load_training_records
-    from slmkd.training.monitor import (
-        LOG_NAME,
-        TrainingMonitor,
-        read_log,
-        save_plots,
-        truncate_log,
-        vram_stats,
-    )
-    from slmkd.training.trainer import STATE_NAME, DistillationTrainer, GuardState, ScheduleCallback
+    from slmkd.training.monitor import TrainingMonitor
+    from slmkd.training.trainer import DistillationTrainer, ScheduleCallback
 
     state = PartialState()
     main = state.is_main_process
@@ -373,33 +335,9 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
 
     every_s, every_steps = save_schedule(cfg, save_steps)
     args = _build_training_args(scfg, local_dir, seed, steps, every_steps, device)
-    guard = GuardState()
-    resume = None
-    if not fresh:
-        resume = select_resume_checkpoint([local_dir, drive_ckpt_dir],
-                                          report=_say if main else logger.debug)
-    if resume is not None:
-        st = read_json(resume / STATE_NAME) if (resume / STATE_NAME).is_file() else {}
-        guard = GuardState.from_dict(st.get("guard", {}))
-        if main:
-            truncate_log(run_dir / LOG_NAME, int(st.get("global_step", 0)))
-        _say(f"[{stage}] resuming from {resume} (step {st.get('global_step', 0)})")
-    elif main:
-        (run_dir / LOG_NAME).unlink(missing_ok=True)
-    if main:
-        for _, p in list_checkpoints(local_dir):  # older or unusable: local keeps one
-            if resume is None or p.resolve() != resume.resolve():
-                shutil.rmtree(p, ignore_errors=True)
-        scfg.save(run_dir / CONFIG_NAME)
-        atomic_write_json(run_dir / RUN_META_NAME, {"identity": ident, "cot_dir": cot_path,
-                                                    "local_checkpoint_dir": str(local_dir)})
-    state.wait_for_everyone()
-
-    syncer = DriveSyncer(drive_ckpt_dir, keep_last=1, report=_say) if main else None
-    if syncer is not None and resume is not None and resume.parent.resolve() == local_dir.resolve():
-        on_drive = [s for s, _ in list_checkpoints(drive_ckpt_dir)]
-        if not on_drive or (checkpoint_step(resume) or 0) > max(on_drive):
-            syncer.submit(resume)
+    resume, guard = prepare_resume(scfg, stage, run_dir=run_dir, local_dir=local_dir,
+                                   fresh=fresh, main=main, ident=ident, cot_path=cot_path)
+    syncer = start_syncer(run_dir, local_dir, resume, main)
     sched_cb, ckpt_cb = ScheduleCallback(), CheckpointSchedule(every_s)
     callbacks = [sched_cb, ckpt_cb, TrainingMonitor(run_dir, live_plot=live_plot)]
     trainer = None
@@ -411,28 +349,17 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
             processing_class=tokenizer, spec=spec, cfg=scfg, teacher=None,
             vocab_size=len(tokenizer), guard=guard, syncer=syncer, callbacks=callbacks)
         sched_cb.trainer = trainer
-        try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        except BaseException as e:
-            if syncer is not None:
-                syncer.close(timeout=600, cancel=isinstance(e, KeyboardInterrupt))
-            raise
-        if syncer is not None:
-            syncer.close(cancel=True)
+        run_trainer(trainer, resume, syncer)
         summary = None
         if main:
             _save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
                           run_dir / ADAPTER_DIR, base_dir)
-            entries = read_log(run_dir / LOG_NAME)
-            last = next((e for e in reversed(entries) if e.get("loss") is not None), {})
-            if not (run_dir / "plots" / "loss.png").is_file():
-                with contextlib.suppress(Exception):
-                    save_plots(entries, run_dir / "plots")
-            g = trainer.guard
-            frac = g.skipped_fraction
             summary = {
-                "method": stage, "student": student_name, "seed": int(seed),
-                "dataset": cfg.generation.dataset, "final_model_dir": ADAPTER_DIR,
+                **common_summary(scfg, trainer, method=stage, student_name=student_name,
+                                 seed=seed, run_dir=run_dir, t_start=t_start,
+                                 stats_dict=data_stats.to_dict(), cot_path=cot_path,
+                                 resume=resume, ckpt_cb=ckpt_cb, syncer=syncer),
+                "final_model_dir": ADAPTER_DIR,
                 "base_model_dir": os.path.relpath(base_dir, run_dir),
                 "adapter": {"type": "lora", "r": int(cfg.cascod.stage2_lora_r),
                             "alpha": int(cfg.cascod.stage2_lora_alpha),
@@ -440,18 +367,7 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
                             "epochs": int(scfg.train.epochs), "max_steps": int(steps),
                             "trainable_parameters": sum(p.numel() for p in model.parameters()
                                                         if p.requires_grad)},
-                "steps": int(trainer.state.global_step),
-                "optimizer_steps_taken": g.steps - g.skipped,
-                "skipped_batches": g.skipped, "skipped_fraction": frac,
-                "skipped_reasons": g.reasons, "skipped_flagged": frac >= SKIP_WARN_FRACTION,
-                "sanitized_nonfinite_rows": dict(g.sanitized),
-                "final_loss": last.get("loss"), "final_ce": last.get("ce"),
-                "final_kd": last.get("kd"), "wall_time_s": time.time() - t_start,
-                "data": data_stats.to_dict(), "cot_dir": cot_path,
-                "resumed_from": str(resume) if resume is not None else None,
-                "checkpoints_saved": ckpt_cb.saved_steps,
-                "drive_sync_failures": syncer.failures if syncer is not None else [],
-                "teacher": None, "peak_vram_gb": vram_stats().get("vram_peak_gb"),
+                "teacher": None,
             }
         state.wait_for_everyone()
         return summary
@@ -467,38 +383,11 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
 # =============================================================================================
 def read_student_rationales(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:
     """Rows of a student-rationale store by id (first occurrence wins) and the number of
-    unreadable lines (a write cut short by a crash leaves at most one)."""
-    rows: dict[str, dict[str, Any]] = {}
-    bad = 0
-    p = Path(path)
-    if not p.is_file():
-        return rows, 0
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rid, text = str(row["id"]), row["rationale"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                bad += 1
-                continue
-            if isinstance(text, str):
-                rows.setdefault(rid, row)
-            else:
-                bad += 1
-    return rows, bad
+    unreadable lines (a write cut short by a crash leaves at most one; a row whose
+    ``rationale`` is not a string counts as unreadable): :func:`slmkd.fileio.read_jsonl_by_id`."""
+    from slmkd.fileio import read_jsonl_by_id
 
-
-def _append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append complete lines in one write, flushed and fsynced."""
-    if not rows:
-        return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    return read_jsonl_by_id(path, valid=lambda row: isinstance(row.get("rationale"), str))
 
 
 def ensure_student_rationales(
@@ -524,7 +413,7 @@ def ensure_student_rationales(
     :func:`slmkd.generation.cascaded_generate`. Returns ``{id: rationale}`` for ``items``.
     """
     from slmkd import generation
-    from slmkd.fileio import atomic_write_json, atomic_write_text, read_json
+    from slmkd.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, read_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -538,8 +427,7 @@ def ensure_student_rationales(
     atomic_write_json(meta_path, meta)
     done, bad = read_student_rationales(path)
     if bad:  # rewrite without the line cut short by a crash, atomically
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in done.values()))
+        atomic_write_jsonl(path, done.values())
     seen: set[str] = set()
     pending: list[tuple[str, str]] = []
     for rid, prompt in items:
@@ -557,7 +445,7 @@ def ensure_student_rationales(
             rows = [{"id": pending[i][0], "rationale": o.text.strip(),
                      "num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
                     for i, o in zip(b.indices, b.outputs, strict=True)]
-            _append_jsonl(path, rows)
+            append_jsonl(path, rows)
             done.update({r["id"]: r for r in rows})
     return {str(rid): done[str(rid)]["rationale"] for rid, _ in items}
 
