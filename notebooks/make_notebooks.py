@@ -223,12 +223,15 @@ ALPHA_SCHEDULE = [0.5, 0.4, 0.3]  # weight of the KD term per epoch (1 - alpha o
 LEARNING_RATE = None  # None = the profile's value
 EPOCHS = None  # None = the profile's value (must equal the schedules' length)
 BATCH_SIZE = None  # micro-batch; None = the profile's value
+TEACHER_SOURCE = None  # kd / cascod-kd: "live" (teacher on the GPU) or "cached" (notebook 01's
+                       # teacher cache, no teacher loaded); None = the profile's value
 '''
 
 TRAIN_OVERRIDES = '''overrides = {  # None = keep the profile's value
     "students": STUDENTS, "seeds": SEEDS,
     "kd.temperature_schedule": TEMPERATURE_SCHEDULE, "kd.alpha_schedule": ALPHA_SCHEDULE,
     "train.learning_rate": LEARNING_RATE, "train.epochs": EPOCHS, "train.batch_size": BATCH_SIZE,
+    "kd.teacher_source": TEACHER_SOURCE,
 }'''
 
 
