@@ -45,8 +45,11 @@ if "google.colab" in sys.modules:
     import torch
 
     pin = "torch==" + torch.__version__.split("+")[0]
-    ok = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "vllm", pin],
-                        timeout=900).returncode == 0
+    try:
+        ok = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "vllm", pin],
+                            timeout=900).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
     print("vLLM installed" if ok else f"no vLLM release for {{pin}}: generation uses HF")
 '''
 
