@@ -6,7 +6,8 @@ own :class:`slmkd.training.DistillationTrainer` (teacher forward under no_grad, 
 backward with gradient checkpointing, fused chunked KD loss, clipping, AdamW), bf16 autocast,
 batch ``B × L`` tokens (default 4 × 512, a quarter prompt (masked), the rest supervised).
 
-    MFU = (6 · N_student + 2 · N_teacher) · tokens / step_time / peak_flops
+    MFU = (6 · N_student + 2 · N_teacher) · tokens / step_time / peak_flops   (N_teacher = 0 for
+                                                                              sft, kd-cached)
 
 with ``N`` the parameters doing matmuls (embedding lookups excluded, the lm_head included) and the
 GPU's dense bf16 peak from ``--peak-tflops`` (defaults: H100 SXM 989, H200 989, A100 312).
@@ -110,6 +111,21 @@ class _Timer:
         return CB()
 
 
+class _MemoryCache:
+    """Stands in for :class:`slmkd.teacher.cache.TeacherCache`: the same random top-k rows
+    (distinct ids, fp16 values, fp32 normaliser) for every example."""
+
+    def __init__(self, n: int, k: int, vocab: int, temperatures) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)]
+                               ).to(torch.int32)
+        self.vals = torch.randn(n, k, generator=g).to(torch.float16) * 3
+        self.logz = torch.logsumexp(self.vals.float(), -1) + 2.0
+
+    def get(self, example_id, temperature, input_ids=None, **kw):
+        return self.ids, self.vals, self.logz
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
@@ -134,11 +150,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             m = Qwen2ForCausalLM(c).to(dtype)
         return m
 
-    teacher = build("7b", torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+    method = args.method
+    teacher = None
+    if method == "kd":
+        teacher = build("7b", torch.bfloat16 if bf16 else torch.float32).eval()
+        teacher.requires_grad_(False)
     student_dtype = torch.bfloat16 if (args.lora and bf16) else torch.float32
     student = build(args.student, student_dtype)
     student.config.use_cache = False
-    n_t, n_s = matmul_params(teacher), matmul_params(student)
+    n_t = matmul_params(teacher) if teacher is not None else 0
+    n_s = matmul_params(student)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -154,7 +175,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     examples = []
     for _ in range(n_examples):
         ids = torch.randint(0, vocab, (seq,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        ex = {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
+        if method == "kd-cached":
+            ex["cache_key"] = str(len(examples))
+        examples.append(ex)
     cfg = load_config("tiny" if tiny else None, environ={})
     out_dir = tempfile.mkdtemp(prefix="slmkd_bench_")
     targs = TrainingArguments(
@@ -168,8 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timer = _Timer(device)
     trainer = DistillationTrainer(
         model=student, args=targs, train_dataset=ExampleDataset(examples),
-        data_collator=PaddingCollator(0), spec=get_method("kd"), cfg=cfg, teacher=teacher,
+        data_collator=PaddingCollator(0), spec=get_method(method), cfg=cfg, teacher=teacher,
         vocab_size=vocab, guard=GuardState(), callbacks=[timer.callback()])
+    if method == "kd-cached":  # a top-k cache in memory (the Drive reads are not timed)
+        trainer._teacher_cache = _MemoryCache(seq - prompt, args.cache_top_k, vocab,
+                                              cfg.kd.temperature_schedule)
     trainer.train()
     measured = timer.times[args.warmup:] or timer.times
     step_s = statistics.median(measured)
@@ -179,7 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "configs": "tiny (scaled down)" if tiny else "Qwen2.5 real",
-        "student": args.student, "optim": args.optim, "lora": bool(args.lora),
+        "method": method, "student": args.student, "optim": args.optim,
+        "lora": bool(args.lora),
         "gradient_checkpointing": not args.no_grad_ckpt, "bf16": bf16,
         "batch": [args.batch_size, seq], "steps_measured": len(measured),
         "student_matmul_params": n_s, "teacher_matmul_params": n_t,
@@ -196,6 +224,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", choices=["1.5b", "3b"], default="1.5b")
+    p.add_argument("--method", choices=["kd", "sft", "kd-cached"], default="kd",
+                   help="kd: 7B teacher live; sft: no teacher; kd-cached: top-k rows in memory")
+    p.add_argument("--cache-top-k", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=30, help="measured steps")
