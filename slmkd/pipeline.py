@@ -81,8 +81,12 @@ def plan_study(cfg: ExperimentConfig, methods: list[str] | None = None,
 
         stats = cache_dir(cfg, dataset, cfg.teacher) / STATS_FILE
         done = stats.is_file() and bool(json.loads(stats.read_text()).get("complete"))
+        rationales = "cascod-kd" in methods and cfg.kd.teacher_source == "cached"
+        st = json.loads(stats.read_text()) if done else {}
+        done = done and (not rationales or st.get("rationale_examples", 0) > 0
+                         or st.get("examples", 0) > st.get("records", 0))
         stages.append(Stage("cache", f"teacher top-{cfg.kd.cache_top_k} cache over the CoT", done,
-                            _est(cfg, "cot") / 4))
+                            _est(cfg, "cot") / 4, {"rationales": rationales}))
     for student in student_names:
         for method in methods:
             for seed in seeds:
@@ -157,7 +161,7 @@ def _run_stage(cfg: ExperimentConfig, stage: Stage) -> None:
     elif stage.kind == "cache":
         from slmkd.teacher.cache import cache_teacher
 
-        res = cache_teacher(cfg)
+        res = cache_teacher(cfg, rationales=bool(stage.params.get("rationales")))
         print(f"teacher cache: {res.stats['bytes_per_token']:.0f} bytes/token, coverage "
               f"{res.stats['coverage']}")
     elif stage.kind == "train":

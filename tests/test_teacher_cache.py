@@ -30,7 +30,8 @@ def world(tmp_path_factory):
 
 def _cfg(world, tmp, **extra):
     return make_cfg(world, drive_root=str(tmp), **{
-        "models.teacher_medium": str(world / "models" / "kdtest-teacher"), **extra})
+        "models.teacher_medium": str(world / "models" / "kdtest-teacher"),
+        "methods": ["sft", "kd", "cascod-kd"], **extra})
 
 
 def _link_cot(world: Path, tmp: Path) -> None:
@@ -212,3 +213,12 @@ def test_preflight_names_the_cache_its_size_or_the_command_that_makes_it(world, 
     assert "complete" in text and "64 records" in text
     live = _cfg(world, tmp_path, **{"kd.cache_top_k": 8})
     assert "teacher cache" not in format_preflight(preflight(live, method="kd", mount=False))
+
+
+def test_rationale_examples_are_cached_only_for_cascod_kd(world, tmp_path):
+    """A study without cascod-kd caches the CoT examples only (no ``#rationale`` entries)."""
+    _link_cot(world, tmp_path)
+    cfg = _cfg(world, tmp_path, **{"kd.cache_top_k": 8, "methods": ["sft", "kd"]})
+    made = cache_teacher(cfg, batch_size=16, show_progress=False)
+    assert made.stats["records"] == 64 and made.stats["rationale_examples"] == 0
+    assert made.num_cached_now == 64

@@ -188,8 +188,13 @@ def _write_shard(directory: Path, index: int, rows: list[dict[str, Any]]) -> Non
 def cache_teacher(cfg: Any, dataset: str | None = None, *, teacher: str | None = None,
                   force: bool = False, max_batches: int | None = None, model: Any = None,
                   tokenizer: Any = None, batch_size: int | None = None,
-                  show_progress: bool = True) -> CacheResult:
+                  show_progress: bool = True, rationales: bool | None = None) -> CacheResult:
     """Cache the teacher's top-k logits for every kept CoT record of ``dataset`` (resumable).
+
+    ``rationales`` (default: ``"cascod-kd"`` in ``cfg.methods``): also cache CasCoD's rationale
+    examples that are not token prefixes of their CoT example (``{id}#rationale``; with Qwen's
+    tokenizer nearly all are not — ``".\n"`` is one token — so this about doubles the cache),
+    which ``cascod-kd`` from the cache needs; a rerun with it adds only those.
 
     ``model``/``tokenizer`` may be passed (tests); otherwise the teacher is loaded as the
     evaluator and the CoT stage load it. Returns the cache folder and its statistics.
@@ -224,7 +229,9 @@ def cache_teacher(cfg: Any, dataset: str | None = None, *, teacher: str | None =
     for p in out.glob(".*.tmp"):
         p.unlink()
     atomic_write_json(meta_path, settings)
-    examples = _examples(cfg, records, tokenizer, rationales=True)
+    if rationales is None:
+        rationales = "cascod-kd" in list(getattr(cfg, "methods", []) or [])
+    examples = _examples(cfg, records, tokenizer, rationales=bool(rationales))
     done, used = _scan(out)
     pending = [e for e in examples if e["id"] not in done]
     temps = settings["temperatures"]
