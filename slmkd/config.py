@@ -150,6 +150,12 @@ class CasCoDConfig:
     stage2_max_steps: int = -1
     stage2_lora_r: int = 16
     stage2_lora_alpha: int = 32
+    #: stage 2 also trains its own copy of the lm_head (peft ``modules_to_save``; the base keeps
+    #: the original, so adapter off = stage 1 exactly). Without it the adapter plateaus on the
+    #: answer's fixed tokens (tiny: loss 2.1, " " and "." at ~0.7 % each; with it 0.02): the
+    #: frozen stage-1 head cannot be steered there by LoRA alone. Costs V × H trainable
+    #: parameters (3B: 311 M, ~5 GB with fp32 AdamW states) and a V × H adapter file.
+    stage2_train_lm_head: bool = True
     #: fraction of stage-2 examples whose rationale is the stage-1 student's own greedy one
     stage2_student_rationale_fraction: float = 0.5
 

@@ -124,3 +124,22 @@ def test_real_vllm_lifecycle(tmp_path):
                s["tokens_equal_to_hf_greedy"].split("/")[1] for s in gens) and len(gens) == 2
     assert by["close"]["engine_processes_left"] == 0 and by["done"]["ok"] is True
     assert by["lora"]["adapter_off_equal_to_base"] == "6/6"
+
+
+def test_an_adapter_that_replaces_modules_is_served_by_hf(tmp_path, monkeypatch):
+    """cascod-2stage's adapter carries its own lm_head (``modules_to_save``): vLLM serves only
+    LoRA deltas, so ``open_engine(backend="vllm")`` falls back to the HF engine for it."""
+    import slmkd.modeling
+    from slmkd.config import load_config
+    from slmkd.generation import HFEngine, open_engine
+
+    ad = tmp_path / "stage2" / "adapter"
+    ad.mkdir(parents=True)
+    (ad / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "modules_to_save": ["lm_head"], "base_model_name_or_path": "../../stage1/final"}))
+    loaded = []
+    monkeypatch.setattr(slmkd.modeling, "load_causal_lm",
+                        lambda n, c, **kw: loaded.append(n) or object())
+    cfg = load_config("tiny", overrides={"drive_root": str(tmp_path)}, environ={})
+    eng = open_engine(cfg, str(ad), backend="vllm", tokenizer=_Tok())
+    assert isinstance(eng, HFEngine) and loaded == [str(ad)]

@@ -210,8 +210,14 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
         import json
         from pathlib import Path
 
+        acfg = json.loads((Path(path) / "adapter_config.json").read_text())
+        if acfg.get("modules_to_save"):  # vLLM serves LoRA deltas, not replaced modules
+            logger.warning("%s replaces %s: vLLM cannot serve that as a LoRA; using HF",
+                           path, acfg["modules_to_save"])
+            return HFEngine(load_causal_lm(str(name), cfg, role=role, for_training=False),
+                            tokenizer, batch_size=bs)
         adapter, path = path, adapter_base_path(path)
-        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+        rank = int(acfg.get("r", 16))
     four_bit = role == "teacher" and bool(getattr(cfg.models, "teacher_load_in_4bit", False))
     return VLLMEngine(str(path), tokenizer, adapter_path=adapter, lora_rank=rank,
                       submit_size=bs * 8, llm_kwargs=vllm_llm_kwargs(cfg, four_bit=four_bit))

@@ -189,7 +189,8 @@ def adapter_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def apply_stage_lora(cfg: ExperimentConfig, model: Any) -> Any:
     """Freeze ``model`` and wrap it in a fresh LoRA adapter (``cfg.cascod.stage2_lora_r`` /
-    ``stage2_lora_alpha``, dropout 0, every attention and MLP projection): only the adapter
+    ``stage2_lora_alpha``, dropout 0, every attention and MLP projection; with
+    ``cfg.cascod.stage2_train_lm_head`` also a trainable copy of the lm_head): only the adapter
     trains, and with the adapter disabled the model is exactly ``model``."""
     try:
         from peft import LoraConfig, get_peft_model
@@ -198,7 +199,9 @@ def apply_stage_lora(cfg: ExperimentConfig, model: Any) -> Any:
     model.requires_grad_(False)
     lcfg = LoraConfig(r=int(cfg.cascod.stage2_lora_r), lora_alpha=int(cfg.cascod.stage2_lora_alpha),
                       lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=list(LORA_TARGET_MODULES))
+                      target_modules=list(LORA_TARGET_MODULES),
+                      modules_to_save=["lm_head"] if getattr(
+                          cfg.cascod, "stage2_train_lm_head", False) else None)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, lcfg)
