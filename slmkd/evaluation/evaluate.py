@@ -90,14 +90,9 @@ def chat_system_prompt(tokenizer: Any, user_text: str) -> str | None:
 
 
 def _load_eval_tokenizer(cfg: Any, name: Any, tokenizer_name: str | None) -> Any:
-    from slmkd.modeling import load_tokenizer
+    from slmkd.generation.engines import load_generation_tokenizer
 
-    try:
-        return load_tokenizer(str(name), cfg, padding_side="left")
-    except (OSError, ValueError):
-        if not tokenizer_name:
-            raise
-        return load_tokenizer(tokenizer_name, cfg, padding_side="left")
+    return load_generation_tokenizer(cfg, name, tokenizer_name)
 
 
 def _system_prompt_of(cfg: Any, tokenizer: Any, record: Any) -> str | None:
@@ -352,17 +347,15 @@ def evaluate_on_datasets(cfg: Any, model: str, datasets: Sequence[str] | None = 
     """:func:`evaluate_model` of one model on each of ``datasets`` (default
     ``cfg.evaluation.datasets``) with the model loaded at most once (one engine, closed at the
     end). ``kwargs`` go to :func:`evaluate_model`; returns ``{dataset: summary}``."""
-    role = "teacher" if kwargs.get("kind") == "teacher" or model == cfg.teacher else "student"
-    out: dict[str, dict[str, Any]] = {}
-    slug = kwargs.pop("model_slug", None)
-    from slmkd.modeling import model_slug as _slug
+    from slmkd.modeling import model_slug
 
-    slug = slug or _slug(str(model))
-    tok_name = kwargs.pop("tokenizer_name", None)
-    with open_evaluation_engine(cfg, model, tokenizer_name=tok_name, role=role) as engine:
+    role = "teacher" if kwargs.get("kind") == "teacher" or model == cfg.teacher else "student"
+    kwargs.setdefault("model_slug", model_slug(str(model)))
+    out: dict[str, dict[str, Any]] = {}
+    with open_evaluation_engine(cfg, model, tokenizer_name=kwargs.get("tokenizer_name"),
+                                role=role) as engine:
         for ds in datasets or cfg.evaluation.datasets:
-            out[ds] = evaluate_model(cfg, engine, ds, model_slug=slug, tokenizer_name=tok_name,
-                                     model_name=str(model), **kwargs)
+            out[ds] = evaluate_model(cfg, engine, ds, model_name=str(model), **kwargs)
     return out
 
 

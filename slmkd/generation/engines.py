@@ -24,6 +24,7 @@ with each finished :class:`~slmkd.generation.GenerationBatch` (the evaluator app
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Sequence
@@ -33,8 +34,8 @@ from slmkd.generation.batched import GenerationBatch, GenerationOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFEngine", "LazyEngine", "VLLMEngine", "is_engine", "open_engine",
-           "release_cuda_memory", "vllm_llm_kwargs"]
+__all__ = ["HFEngine", "LazyEngine", "VLLMEngine", "is_engine", "load_generation_tokenizer",
+           "open_engine", "release_cuda_memory", "vllm_llm_kwargs"]
 
 
 def release_cuda_memory() -> None:
@@ -84,8 +85,7 @@ class HFEngine(_Engine):
 
         self._check_open()
         results: list[GenerationOutput | None] = [None] * len(prompts)
-        ctx = rationale_model(self.model) if not adapter else _null()
-        with ctx:
+        with rationale_model(self.model) if not adapter else contextlib.nullcontext():
             for b in generation.iter_generate_batched(self.model, self.tokenizer, list(prompts),
                                            max_new_tokens=max_new_tokens,
                                            batch_size=self.batch_size, desc=desc,
@@ -100,12 +100,6 @@ class HFEngine(_Engine):
         self.model = None
         self.closed = True
         release_cuda_memory()
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class VLLMEngine(_Engine):
@@ -168,6 +162,19 @@ class VLLMEngine(_Engine):
         release_cuda_memory()
 
 
+def load_generation_tokenizer(cfg: Any, name: Any, fallback: str | None = None) -> Any:
+    """The model folder's own tokenizer (left padding, for batched generation), else
+    ``fallback``'s (e.g. the student's, for a run folder saved without one)."""
+    from slmkd.modeling import load_tokenizer
+
+    try:
+        return load_tokenizer(str(name), cfg, padding_side="left")
+    except (OSError, ValueError):
+        if not fallback:
+            raise
+        return load_tokenizer(fallback, cfg, padding_side="left")
+
+
 def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: Any = None,
                 tokenizer_name: str | None = None, batch_size: int | None = None,
                 role: str = "student") -> HFEngine | VLLMEngine:
@@ -184,19 +191,13 @@ def open_engine(cfg: Any, name: str, *, backend: str | None = None, tokenizer: A
         adapter_base_path,
         is_adapter_dir,
         load_causal_lm,
-        load_tokenizer,
         resolve_model_path,
     )
 
     backend = resolve_backend(backend or getattr(cfg.evaluation, "backend", "hf"))
     bs = int(batch_size or cfg.evaluation.batch_size)
-    if tokenizer is None:  # the model folder's own tokenizer, else tokenizer_name's; left pad
-        try:
-            tokenizer = load_tokenizer(str(name), cfg, padding_side="left")
-        except (OSError, ValueError):
-            if not tokenizer_name:
-                raise
-            tokenizer = load_tokenizer(tokenizer_name, cfg, padding_side="left")
+    if tokenizer is None:
+        tokenizer = load_generation_tokenizer(cfg, name, tokenizer_name)
     if backend == "hf":
         return HFEngine(load_causal_lm(str(name), cfg, role=role, for_training=False), tokenizer,
                         batch_size=bs)
@@ -244,11 +245,11 @@ def vllm_llm_kwargs(cfg: Any, *, four_bit: bool = False) -> dict[str, Any]:
 
 def is_engine(obj: Any) -> bool:
     """True for an engine of this module (or anything with ``generate`` + ``backend``)."""
-    return isinstance(obj, (_Engine, LazyEngine)) or (
+    return isinstance(obj, _Engine) or (
         hasattr(obj, "generate") and isinstance(getattr(obj, "backend", None), str))
 
 
-class LazyEngine:
+class LazyEngine(_Engine):
     """An engine opened on its first :meth:`generate` (by ``opener()``) and reused after: a
     model whose predictions are all stored already is never loaded. :attr:`opened` counts how
     many times the model was loaded (at most once)."""
@@ -272,9 +273,3 @@ class LazyEngine:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -166,6 +166,24 @@ def _examples(cfg: Any, records: list[dict[str, Any]], tokenizer: Any, *,
     return out
 
 
+def pad_batch(examples: list[dict[str, Any]], pad_token_id: int | None) -> dict[str, Any]:
+    """Right-pad ``{"input_ids", "labels"}`` examples to one width: ``input_ids`` (pad id, 0 when
+    the tokenizer has none), ``labels`` (−100), ``attention_mask`` — long tensors ``(B, T)``."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])
+        labels[i, :n] = torch.as_tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def _write_shard(directory: Path, index: int, rows: list[dict[str, Any]]) -> None:
     import os
 
@@ -250,16 +268,8 @@ def cache_teacher(cfg: Any, dataset: str | None = None, *, teacher: str | None =
         for bi, batch in enumerate(batches):
             if max_batches is not None and bi >= max_batches:
                 break
-            width = max(len(e["input_ids"]) for e in batch)
-            pad = tokenizer.pad_token_id
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[i, :n] = torch.as_tensor(e["input_ids"])
-                labels[i, :n] = torch.as_tensor(e["labels"])
-                mask[i, :n] = 1
+            t = pad_batch(batch, tokenizer.pad_token_id)
+            ids, labels, mask = t["input_ids"], t["labels"], t["attention_mask"]
             with torch.no_grad():
                 hidden = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)
                                      ).last_hidden_state

@@ -129,7 +129,7 @@ def measure_cot_drift(cfg: Any, dataset: str | None = None, *, num_records: int 
 
     from slmkd.fileio import atomic_write_json
     from slmkd.layout import cot_dir
-    from slmkd.teacher.cache import _examples
+    from slmkd.teacher.cache import _examples, pad_batch
     from slmkd.teacher.store import load_cot_records
 
     directory = cot_dir(cfg, dataset)
@@ -145,20 +145,8 @@ def measure_cot_drift(cfg: Any, dataset: str | None = None, *, num_records: int 
 
     tokenizer = tokenizer or load_tokenizer(cfg.teacher, cfg, padding_side="right")
     examples = _examples(cfg, records[:num_records], tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        t = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), t), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    batches = [pad_batch(examples[s:s + batch_size], tokenizer.pad_token_id)
+               for s in range(0, len(examples), batch_size)]
     t0 = time.time()
     if full_model is None:
         full_cfg = dataclasses.replace(cfg, models=dataclasses.replace(
