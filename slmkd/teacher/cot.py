@@ -470,10 +470,11 @@ def _generate_pending(cfg: Any, teacher: str, pending: list[Any], prompts: dict[
     g = cfg.generation
     texts = [prompts[r.id] for r in pending]
     desc = f"teacher CoT ({len(pending)})"
-    if g.backend == "auto" and model is None and generation.resolve_backend("auto") == "hf":
+    backend = generation.resolve_backend(g.backend)
+    if g.backend == "auto" and model is None and backend == "hf":
         print("generation.backend='auto': vLLM is not installed (or no CUDA GPU): the teacher "
               "writes its CoT with HF generate", flush=True)
-    if generation.resolve_backend(g.backend) == "vllm" and model is None:
+    if backend == "vllm" and model is None:
         if not generation.vllm_available():
             raise ConfigError("generation.backend='vllm' but vllm is not installed; "
                               "pip install vllm, or set generation.backend='hf'.")
