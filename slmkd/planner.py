@@ -318,7 +318,15 @@ class TrainSetup:
 
     @property
     def rows_per_example(self) -> int:
-        """Student rows per example in a batch (CasCoD stacks rationale and answer rows)."""
+        """Student forward rows per example: 1 for every method — a CasCoD pair shares one row
+        (its rationale example is a token prefix of its answer example:
+        :class:`slmkd.training.cascod.CasCoDCollator`)."""
+        return 1
+
+    @property
+    def loss_rows_per_example(self) -> int:
+        """Rows of hidden states the loss reads per example: CasCoD's joint loss sees the
+        shared row twice (rationale and answer terms, :func:`slmkd.training.cascod.pair_hidden`)."""
         return 2 if self.method in METHODS_WITH_PAIRED_ROWS else 1
 
     @property
@@ -480,17 +488,17 @@ def estimate_memory(
     # gradient, plus the teacher's logits and softmax for KD.
     chunk = min(setup.chunk_size, tokens)
     hb = 4 if mixed else a
-    comp["hidden states for the loss"] = 2 * hb * tokens * st.hidden_size
+    comp["hidden states for the loss"] = (2 * hb * tokens * st.hidden_size
+                                          * setup.loss_rows_per_example)
     n_fp32 = 4 if setup.uses_teacher else 3
     comp["loss working set (chunk)"] = n_fp32 * 4 * chunk * v
     # slmkd.losses computes the lm_head weight's gradient [V, H] (in the weight's dtype) during
-    # the forward and holds it until backward; CasCoD calls the loss twice (two buffers); a
-    # frozen lm_head (LoRA) needs none
-    loss_calls = setup.rows_per_example
-    comp["loss lm_head grad buffer"] = 0 if setup.lora else loss_calls * pb * v * st.hidden_size
-    if loss_calls > 1:
-        notes.append(f"{setup.method}: {rows} rows per micro-batch ({setup.batch_size} rationale"
-                     f" + {setup.batch_size} answer), {loss_calls} lm_head gradient buffers")
+    # the forward and holds it until backward (CasCoD: one fused call for both terms); a frozen
+    # lm_head (LoRA) needs none
+    comp["loss lm_head grad buffer"] = 0 if setup.lora else pb * v * st.hidden_size
+    if setup.loss_rows_per_example > 1:
+        notes.append(f"{setup.method}: {rows} rows per micro-batch, each read by the loss twice "
+                     f"(rationale and answer terms share the row)")
 
     # -- teacher -------------------------------------------------------------------------------
     if te is not None:

@@ -588,7 +588,9 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     drive_peak, drive_at = cot_gb + cache_gb, "after the CoT"
     finals_so_far = 0.0
     for r in runs:
-        n_ck = r.checkpoints_written
+        # the run's hours are an estimate: storage must still fit if it takes twice as long, so a
+        # run planned at more than half a checkpoint interval counts (at least) one checkpoint
+        n_ck = max(r.checkpoints_written, int(2 * r.hours * 3600 >= save_every_s))
         transient = min(n_ck, 2) * r.checkpoint_gb
         at_end = min(n_ck, 1) * r.checkpoint_gb + r.final_gb
         run_peak = max(transient, at_end)

@@ -96,11 +96,11 @@ def test_rationale_example_mask(tok):
     r = "3 + 4 = 7.\n7 * 2 = 14."
     ex = build_rationale_example(tok, prompt, r, max_length=512, min_supervised_tokens=1)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    r_ids = tok(r, add_special_tokens=False)["input_ids"]
+    r_ids = tok(r + "\n", add_special_tokens=False)["input_ids"]
     assert ex.input_ids == p_ids + r_ids + [tok.eos_token_id]
     assert ex.labels == [-100] * len(p_ids) + r_ids + [tok.eos_token_id]
-    # the supervised text is exactly the rationale + EOS: no answer, no cue
-    assert tok.decode(_supervised(ex)[:-1]) == r
+    # the supervised text is exactly the rationale, its line break and EOS: no answer, no cue
+    assert tok.decode(_supervised(ex)[:-1]) == r + "\n"
     assert "answer" not in tok.decode(_supervised(ex)).lower()
 
 
@@ -155,27 +155,74 @@ def test_build_dataset_counts_drops(tok):
     assert st2.to_dict()["num_dropped"] == 0
 
 
-def test_collator_pads_both_kinds_to_one_width(tok):
-    from slmkd.training.cascod import CasCoDCollator
-
+def _pairs_dataset(tok, n=3, max_length=512):
     recs = [{"id": str(i), "dataset": "gsm8k", "task": None, "question": f"What is {i} + 4?",
              "completion": f"{i} + 4 = {i + 4}." + " ok." * i + f"\nThe answer is {i + 4}."}
-            for i in range(3)]
-    ds, _ = build_cascod_dataset(tok, recs, max_length=512, min_supervised_tokens=1)
-    batch = CasCoDCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(3)])
-    n = batch["input_ids"].shape[0]
-    assert n == 6 and int(batch["num_rationale_rows"]) == 3
+            for i in range(n)]
+    ds, _ = build_cascod_dataset(tok, recs, max_length=max_length, min_supervised_tokens=1)
+    return ds
+
+
+def _virtual(batch):
+    """The collator's batch as the stacked ``[2B]`` rows the joint loss sees (rationale rows,
+    then answer rows): the inputs of a direct per-row computation."""
+    from slmkd.training.cascod import pair_hidden
+
+    ids = pair_hidden(batch["input_ids"].unsqueeze(-1), batch).squeeze(-1)
+    mask = pair_hidden(batch["attention_mask"].unsqueeze(-1), batch).squeeze(-1)
+    return ids, mask, batch["labels"]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_collator_gives_a_pair_one_row_when_the_rationale_is_a_prefix(tok, share):
+    from slmkd.data.cot_format import shares_prefix
+    from slmkd.training.cascod import CasCoDCollator
+
+    ds = _pairs_dataset(tok)
+    items = [ds[i] for i in range(3)]
+    assert all(shares_prefix(it["rationale_input_ids"], it["answer_input_ids"]) for it in items)
+    batch = CasCoDCollator(pad_token_id=tok.pad_token_id, share_rows=share)(items)
+    b = 3
+    assert batch["input_ids"].shape[0] == (b if share else 2 * b)
+    assert batch["labels"].shape[0] == 2 * b and int(batch["num_rationale_rows"]) == b
+    assert batch["rationale_row_index"].tolist() == ([0, 1, 2] if share else [3, 4, 5])
     assert batch["answer_row_mask"].tolist() == [False] * 3 + [True] * 3
     assert batch["example_id"] == ["0", "1", "2"]
-    for row, item in enumerate([ds[i] for i in range(3)]):
-        for off, key in ((0, "rationale"), (3, "answer")):
-            ids = item[f"{key}_input_ids"]
-            k = len(ids)
-            assert batch["input_ids"][row + off, :k].tolist() == ids
-            assert batch["labels"][row + off, :k].tolist() == item[f"{key}_labels"]
-            assert batch["attention_mask"][row + off].sum().item() == k
-            assert (batch["labels"][row + off, k:] == -100).all()
-            assert (batch["input_ids"][row + off, k:] == tok.pad_token_id).all()
+    rows = batch["rationale_row_index"].tolist()
+    for i, item in enumerate(items):
+        a_ids, a_lab = item["answer_input_ids"], item["answer_labels"]
+        r_ids, r_lab = item["rationale_input_ids"], item["rationale_labels"]
+        assert batch["input_ids"][i, :len(a_ids)].tolist() == a_ids
+        assert batch["attention_mask"][i].sum().item() == len(a_ids)
+        assert (batch["input_ids"][i, len(a_ids):] == tok.pad_token_id).all()
+        assert batch["labels"][b + i, :len(a_lab)].tolist() == a_lab
+        # the rationale row: its tokens before EOS are the row's first tokens, its labels
+        # (EOS included) sit at the same indices
+        assert batch["input_ids"][rows[i], :len(r_ids) - 1].tolist() == r_ids[:-1]
+        assert batch["labels"][i, :len(r_lab)].tolist() == r_lab
+        assert (batch["labels"][i, len(r_lab):] == -100).all()
+        # rationale and answer targets never share a position of the shared row
+        if share:
+            both = batch["labels"][i].ne(-100) & batch["labels"][b + i].ne(-100)
+            assert not both.any()
+
+
+def test_collator_gives_an_unshared_pair_its_own_row(tok):
+    """A pair whose answer prompt was left-truncated (the rationale is no longer its prefix)
+    gets a rationale row of its own; the others keep sharing."""
+    from slmkd.data.cot_format import shares_prefix
+    from slmkd.training.cascod import CasCoDCollator
+
+    full = _pairs_dataset(tok)
+    n_a = len(full[0]["answer_input_ids"])
+    short = _pairs_dataset(tok, max_length=n_a - 2)  # item 0's answer prompt loses 2 tokens
+    items = [short[0], full[1], full[2]]
+    assert not shares_prefix(items[0]["rationale_input_ids"], items[0]["answer_input_ids"])
+    batch = CasCoDCollator(pad_token_id=tok.pad_token_id)(items)
+    assert batch["input_ids"].shape[0] == 4
+    assert batch["rationale_row_index"].tolist() == [3, 1, 2]
+    r_ids = items[0]["rationale_input_ids"]
+    assert batch["input_ids"][3, :len(r_ids)].tolist() == r_ids
 
 
 # -- joint loss ----------------------------------------------------------------------------------
@@ -200,7 +247,7 @@ def test_joint_loss_matches_direct_computation(tok):
     batch = CasCoDCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(3)])
     model = make_model(tok, seed=3)
     model.eval()
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, mask, labels = _virtual(batch)
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -241,7 +288,7 @@ def test_joint_loss_kd_term_on_rationale_rows(tok):
     ds, _ = build_cascod_dataset(tok, recs, max_length=512, min_supervised_tokens=1)
     batch = CasCoDCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(2)])
     student, teacher = make_model(tok, seed=1), make_model(tok, seed=2, hidden=48)
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, mask, labels = _virtual(batch)
     with torch.no_grad():
         hs = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
         ls = student(input_ids=ids, attention_mask=mask).logits
@@ -293,12 +340,102 @@ def test_cascod_training_loss_uses_the_configured_alpha(tok, overrides, alpha):
     cfg = load_config("tiny", overrides={**overrides, "kd.max_logit_abs": 1e4}, environ={})
     with torch.no_grad():
         loss, m = _cascod_loss(_StubTrainer(cfg, len(tok)), model, batch, {})
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ids, mask, _ = _virtual(batch)
+        logits = model(input_ids=ids, attention_mask=mask).logits
     sr, nr = _direct_ce_sum(logits[:3, :, :len(tok)], batch["labels"][:3])
     sa, na = _direct_ce_sum(logits[3:, :, :len(tok)], batch["labels"][3:])
     torch.testing.assert_close(loss, (1 - alpha) * sr / nr + alpha * sa / na, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m["rationale_ce"], sr / nr, rtol=1e-5, atol=1e-5)
     assert abs(float(sr / nr) - float(sa / na)) > 1e-3  # the two terms differ: α_c matters
+
+
+class _StubKDTrainer(_StubTrainer):
+    def __init__(self, cfg, vocab_size, teacher):
+        super().__init__(cfg, vocab_size)
+        self.teacher, self.temperature, self.alpha = teacher, 2.0, 0.5
+
+    def teacher_hidden(self, ids, mask):
+        import torch
+
+        with torch.no_grad():
+            h = self.teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return h, self.teacher.get_output_embeddings().weight
+
+
+@pytest.mark.parametrize("method", ["cascod", "cascod-kd"])
+@pytest.mark.parametrize("truncate_first", [False, True])
+def test_shared_rows_give_the_unshared_loss_and_gradients_in_float64(tok, method, truncate_first):
+    """One row per pair (the rationale read off its answer row) is exact: in float64 the joint
+    loss, its parts and every parameter gradient equal those of the unshared layout (2B rows,
+    the authors' stacking), with and without a live teacher, also in a batch where one pair
+    does not share. A misplaced EOS label, a wrong row index or a missing half of the gradient
+    breaks the equality."""
+    import torch
+    from _tiny_lm import make_model
+
+    from slmkd.config import load_config
+    from slmkd.training.cascod import (
+        CasCoDCollator,
+        _cascod_kd_loss,
+        _cascod_loss,
+        cascod_joint_loss,
+    )
+
+    full = _pairs_dataset(tok)
+    items = [full[i] for i in range(3)]
+    if truncate_first:
+        items[0] = _pairs_dataset(tok, max_length=len(full[0]["answer_input_ids"]) - 2)[0]
+    cfg = load_config("tiny", overrides={"kd.max_logit_abs": 1e4, "cascod.alpha_cascod": 0.3},
+                      environ={})
+    model = make_model(tok, seed=3).double()
+    teacher = make_model(tok, seed=4, hidden=48).double()
+    if method == "cascod":
+        trainer, fn = _StubTrainer(cfg, len(tok)), _cascod_loss
+    else:
+        trainer, fn = _StubKDTrainer(cfg, len(tok), teacher), _cascod_kd_loss
+    results = []
+    for share in (True, False):
+        batch = CasCoDCollator(pad_token_id=tok.pad_token_id, share_rows=share)(items)
+        batch.pop("example_id")
+        model.zero_grad()
+        loss, m = fn(trainer, model, batch, {})
+        loss.backward()
+        results.append((batch["input_ids"].shape[0], loss.detach(),
+                        {k: v.detach() for k, v in m.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    # the reference, built without the collator: rationale rows then answer rows, padded by hand
+    seqs = [it["rationale_input_ids"] for it in items] + [it["answer_input_ids"] for it in items]
+    labs = [it["rationale_labels"] for it in items] + [it["answer_labels"] for it in items]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s_ + [tok.pad_token_id] * (width - len(s_)) for s_ in seqs])
+    mask = torch.tensor([[1] * len(s_) + [0] * (width - len(s_)) for s_ in seqs])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labs])
+    model.zero_grad()
+    hs, w = trainer.student_hidden(model, ids, mask)
+    ht, wt = trainer.teacher_hidden(ids[:3], mask[:3]) if method == "cascod-kd" else (None, None)
+    ref = cascod_joint_loss(hs, w, labels, 3, alpha_cascod=0.3, teacher_hidden=ht,
+                            teacher_weight=wt, temperature=trainer.temperature,
+                            kd_alpha=trainer.alpha if ht is not None else 0.0,
+                            max_logit_abs=1e4, vocab_size=len(tok))
+    ref.loss.backward()
+    results.append((6, ref.loss.detach(), {"rationale_ce": ref.rationale_ce.detach(),
+                                           "answer_ce": ref.answer_ce.detach(),
+                                           "kd": torch.as_tensor(ref.kd).detach()},
+                    {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (rows_s, loss_s, m_s, g_s), (rows_u, loss_u, m_u, g_u), ref_r = results
+    assert rows_s == (4 if truncate_first else 3) and rows_u == 6
+    for _, loss_x, m_x, g_x in (results[1], ref_r):  # shared vs unshared and vs the reference
+        loss_u, m_u, g_u = loss_x, m_x, g_x
+        torch.testing.assert_close(loss_s, loss_u, rtol=1e-12, atol=1e-12)
+        for k in ("rationale_ce", "answer_ce", "kd"):
+            torch.testing.assert_close(m_s[k].double(), m_u[k].double(), rtol=1e-12, atol=1e-12)
+        for name, g in g_u.items():
+            # rtol 1e-6, not 1e-12: Qwen2RMSNorm computes in float32 whatever the model dtype,
+            # so summing the two halves' gradients before or after the norms' backward differs
+            # at float32 rounding (measured: <= 2^-32 absolute on gradients of ~0.1)
+            torch.testing.assert_close(g_s[name], g, rtol=1e-6, atol=1e-9, msg=name)
+    if method == "cascod-kd":
+        assert float(m_s["kd"]) > 1e-3  # the teacher term is really there
 
 
 # -- cascaded inference --------------------------------------------------------------------------
@@ -804,3 +941,40 @@ def test_cascod_2stage_adapter_stage_kill9_resume_is_bit_identical(world, tmp_pa
         assert torch.equal(w[k], w_ref[k]), k
     assert json.loads((res.final_dir / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == "../../stage1/final"
+
+
+def test_with_the_qwen2_tokenizer_every_gsm8k_and_bbh_pair_shares_one_row():
+    """The real path: with Qwen2's tokenizer the rationale example is a token prefix of the
+    answer example for every GSM8K train item (gold solutions written as CoTs: the vendored
+    subset, and all 7,470 splittable items when ``../shared`` is there) and for every BBH CoT
+    exemplar, so CasCoD's step runs one row per pair (what ``slmkd plan`` assumes). (The tiny
+    world's tokenizer merges across the prompt/rationale boundary: its pairs take two rows.)"""
+    import json
+    import re
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    here = Path(__file__).parent
+    tok = AutoTokenizer.from_pretrained(here / "fixtures" / "qwen2-tokenizer")
+    shared = here.resolve().parents[1] / "shared" / "data"
+    gsm = shared / "gsm8k" / "train.jsonl"
+    gsm = gsm if gsm.is_file() else here / "fixtures" / "gsm8k" / "train.jsonl"
+    bbh = shared / "bbh" / "cot-prompts"
+    bbh = bbh if bbh.is_dir() else here / "fixtures" / "bbh" / "cot-prompts"
+    recs = []
+    for i, line in enumerate(gsm.read_text().splitlines()):
+        d = json.loads(line)
+        sol, ans = d["answer"].split("####")
+        cot = re.sub(r"<<.*?>>", "", sol).strip() + f"\nThe answer is {ans.strip()}."
+        recs.append({"id": f"g{i}", "dataset": "gsm8k", "task": None, "question": d["question"],
+                     "answer": ans.strip(), "completion": cot})
+    for f in sorted(bbh.glob("*.txt")):
+        for j, block in enumerate(f.read_text().split("\n\nQ: ")[1:]):
+            if "A: Let's think step by step." in block:
+                q, a = block.split("A: Let's think step by step.", 1)
+                recs.append({"id": f"{f.stem}{j}", "dataset": "gsm8k", "task": None,
+                             "question": q.strip(), "answer": "", "completion": a.strip()})
+    ds, stats = build_cascod_dataset(tok, recs, max_length=2048, min_supervised_tokens=1)
+    assert stats.kept >= 0.99 * len(recs) and stats.kept > 50
+    assert stats.shared_rows == stats.kept, stats.summary()

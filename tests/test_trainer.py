@@ -184,17 +184,21 @@ def _with_trainer(monkeypatch, setup):
 
 
 def _record_labels(monkeypatch):
-    """Keep each micro-batch's labels on the trainer (``trainer._test_labels``)."""
+    """Keep each micro-batch's labels on the trainer (``trainer._test_labels``) and the input
+    row of each label row (``trainer._test_rows``: a CasCoD rationale may live in its answer's
+    row or in a row of its own)."""
     orig = T.DistillationTrainer.compute_loss
 
     def compute_loss(self, model, inputs, *a, **kw):
         self._test_labels = inputs["labels"]
+        idx = inputs.get("rationale_row_index")
+        self._test_rows = idx.tolist() if idx is not None else list(range(len(inputs["labels"])))
         return orig(self, model, inputs, *a, **kw)
 
     monkeypatch.setattr(T.DistillationTrainer, "compute_loss", compute_loss)
 
 
-def _nan_at_one_supervised_position(trainer, module, step):
+def _nan_at_one_supervised_position(trainer, module, step, teacher=False):
     """Forward hook on ``module`` (a final norm) that writes NaN into the hidden state of the
     first supervised position of row 0, on optimiser step ``step`` only."""
     def hook(_mod, _inp, out):
@@ -203,7 +207,8 @@ def _nan_at_one_supervised_position(trainer, module, step):
         lab = trainer._test_labels
         t = int((lab[0, 1:] != -100).nonzero()[0])  # position t predicts labels[t + 1]
         out = out.clone()
-        out[0, t] = float("nan")
+        # the student's input row of label row 0; the teacher gets the rationale rows in order
+        out[0 if teacher else trainer._test_rows[0], t] = float("nan")
         return out
 
     module.register_forward_hook(hook)
@@ -242,7 +247,7 @@ def test_nan_in_supervised_hidden_states_skips_the_step(world, tmp_path, monkeyp
         tr.add_callback(snap)
         snap.trainer = tr
         lm = tr.teacher if model_side == "teacher" else tr._causal_lm(tr.model)
-        _nan_at_one_supervised_position(tr, lm.model.norm, 3)
+        _nan_at_one_supervised_position(tr, lm.model.norm, 3, teacher=model_side == "teacher")
 
     _with_trainer(monkeypatch, setup)
     cfg = make_cfg(world, **{"train.max_steps": 5, "train.weight_decay": 0.1,
@@ -276,7 +281,7 @@ def test_nan_teacher_with_sanitize_trains_on_and_counts_the_rows(world, tmp_path
         tr.add_callback(snap)
         snap.trainer = tr
         trainers.append(tr)
-        _nan_at_one_supervised_position(tr, tr.teacher.model.norm, 3)
+        _nan_at_one_supervised_position(tr, tr.teacher.model.norm, 3, teacher=True)
 
     _with_trainer(monkeypatch, setup)
     cfg = make_cfg(world, **{"train.max_steps": 4, "train.log_every": 1,

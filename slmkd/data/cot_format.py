@@ -14,8 +14,9 @@ from typing import Any
 
 from slmkd.data.prompts import FINAL_ANSWER_PREFIX
 
-__all__ = ["DEFAULT_ANSWER_CUE", "SPLIT_REASONS", "SplitCoT", "answer_target", "join_rationale_cue",
-           "split_cot", "split_rationale_answer"]
+__all__ = ["DEFAULT_ANSWER_CUE", "RATIONALE_END", "SPLIT_REASONS", "SplitCoT", "answer_target",
+           "join_rationale_cue", "rationale_target", "shares_prefix", "split_cot",
+           "split_rationale_answer"]
 
 #: The answer cue appended after the rationale; matches the project's final-answer line.
 DEFAULT_ANSWER_CUE = "The answer is"
@@ -87,11 +88,27 @@ def split_rationale_answer(completion: Any, marker: str | None = None) -> tuple[
     return (res.rationale, res.answer) if isinstance(res, SplitCoT) else None
 
 
+#: What ends the rationale target before EOS: the line break that precedes the answer cue in
+#: :func:`join_rationale_cue` (and in the teacher's own ``"…\\nThe answer is N."``).
+RATIONALE_END = "\n"
+
+
 def join_rationale_cue(rationale: str, answer_cue: str = DEFAULT_ANSWER_CUE) -> str:
     """The text the answer step is conditioned on after the prompt: ``r + "\\n" + cue``.
 
     Used identically for training examples and for cascaded inference."""
-    return rationale.rstrip() + "\n" + answer_cue.strip()
+    return rationale.rstrip() + RATIONALE_END + answer_cue.strip()
+
+
+def rationale_target(rationale: str) -> str:
+    """The supervised text of the rationale step: ``r + "\\n"`` (EOS is appended by
+    :func:`slmkd.data.prompts.tokenize_example`).
+
+    The line break belongs to the target because it is where the answer context continues:
+    BPE merges it with the rationale's last character (Qwen2: ``".\\n"`` is one token), so with
+    it the rationale example's tokens are the answer example's first tokens (and the full CoT
+    example's), which lets one forward pass serve both CasCoD steps (:func:`shares_prefix`)."""
+    return rationale.strip() + RATIONALE_END
 
 
 def answer_target(answer: str) -> str:
@@ -108,12 +125,27 @@ RATIONALE_CACHE_SUFFIX = "#rationale"
 
 def rationale_example(tokenizer: Any, prompt: str, rationale: str, max_length: int,
                       min_supervised_tokens: int) -> Any:
-    """CasCoD's rationale example ``q → r``: input ``prompt + rationale + eos``, labels on
-    ``rationale + eos`` only (−100 on the prompt); a ``TokenizedExample`` or a ``DropReason``
-    (:func:`slmkd.data.prompts.tokenize_example`)."""
+    """CasCoD's rationale example ``q → r``: input ``prompt + r + "\\n" + eos``, labels on
+    ``r + "\\n" + eos`` only (−100 on the prompt; :func:`rationale_target`); a
+    ``TokenizedExample`` or a ``DropReason`` (:func:`slmkd.data.prompts.tokenize_example`)."""
     from slmkd.data.prompts import tokenize_example
 
-    return tokenize_example(tokenizer, prompt, rationale.strip(), max_length, min_supervised_tokens)
+    return tokenize_example(tokenizer, prompt, rationale_target(rationale), max_length,
+                            min_supervised_tokens)
+
+
+def shares_prefix(part: Any, full: Any) -> bool:
+    """True when ``part``'s tokens (a ``TokenizedExample`` or a list of ids) before its last one
+    (its EOS) are ``full``'s first tokens.
+
+    Then, by causality, a model's hidden states at those positions of ``full`` are exactly those
+    of ``part``, and every label of ``part`` (unshifted: ``labels[t]`` is predicted from position
+    ``t-1``) can sit at the same index of ``full``'s row: the CasCoD collator gives such a pair
+    one row instead of two (``part`` = the rationale example, ``full`` = its answer example)."""
+    a = list(getattr(part, "input_ids", part))
+    b = getattr(full, "input_ids", full)
+    n = len(a)
+    return 1 < n <= len(b) and a[:n - 1] == list(b[:n - 1])
 
 
 def is_supervised_prefix(part: Any, full: Any) -> bool:

@@ -169,6 +169,7 @@ def cached_cascod_kd_loss(trainer: Any, model: torch.nn.Module, inputs: dict[str
                           items: Items) -> tuple[torch.Tensor, dict[str, Any]]:
     """``compute_loss`` of ``cascod-kd`` with the rationale rows' teacher from the cache."""
     from slmkd.losses import fused_cascod_loss
+    from slmkd.training.cascod import pair_hidden
 
     cfg = trainer.cfg
     cache = _cache_for(trainer)
@@ -183,7 +184,7 @@ def cached_cascod_kd_loss(trainer: Any, model: torch.nn.Module, inputs: dict[str
     hs, ws = trainer.student_hidden(model, inputs["input_ids"], inputs["attention_mask"])
     dev = hs.device
     out = fused_cascod_loss(
-        hs, ws, inputs["labels"], b, alpha_cascod=cfg.cascod.alpha_cascod,
+        pair_hidden(hs, inputs), ws, inputs["labels"], b, alpha_cascod=cfg.cascod.alpha_cascod,
         teacher_topk=(torch.cat(ids_l).to(dev), torch.cat(vals_l).to(dev),
                       torch.cat(lz_l).to(dev)),
         temperature=trainer.temperature, alpha=trainer.alpha,

@@ -20,8 +20,11 @@ Training objective (the authors' joint form, one model, paired examples in every
 with ``α_c = cfg.cascod.alpha_cascod``. **The default α_c = 0.1 is the value of the authors'
 training script** (``alpha=0.1`` in their ``run_distilled_cot.sh``: "alpha * answer loss +
 (1-alpha) * rloss"), so 90 % of the weight is on the rationale. Like the authors' "concat"
-forward, each step runs one forward pass over the rationale rows and the answer rows stacked along
-the batch dimension (the collator pads both kinds to one common length).
+forward, each step computes both terms from one forward pass; where the authors stack the rationale
+rows and the answer rows (``2B`` rows), :class:`CasCoDCollator` gives a pair one row when its
+rationale example is a token prefix of its answer example (the rationale target ends with the line
+break that precedes the cue, :func:`slmkd.data.cot_format.rationale_target`): ``B`` rows, the same
+loss and gradients by causality, about half the step's compute.
 
 Methods built on this module (registered by :mod:`slmkd.training.methods`):
 
@@ -71,6 +74,7 @@ from slmkd.data.cot_format import (
     SplitCoT,
     answer_target,
     join_rationale_cue,
+    shares_prefix,
     split_cot,
     split_rationale_answer,
 )
@@ -92,6 +96,8 @@ __all__ = [
     "build_answer_example",
     "CasCoDPairDataset",
     "CasCoDCollator",
+    "pair_hidden",
+    "rationale_rows",
     "build_cascod_dataset",
     "CasCoDLossOutput",
     "token_mean_ce",
@@ -168,6 +174,9 @@ class CasCoDStats:
     #: CoT rows / from the record's separately cached rationale example
     cache_rationale_from_prefix: int = 0
     cache_rationale_separate: int = 0
+    #: pairs whose rationale example is a token prefix of their answer example: one forward row
+    #: serves both steps (:class:`CasCoDCollator`); the others take two rows
+    shared_rows: int = 0
 
     def summary(self) -> str:
         s = f"CasCoD examples: kept {self.kept}/{self.total}"
@@ -180,6 +189,9 @@ class CasCoDStats:
         if self.rationale_prompt_truncated or self.answer_prompt_truncated:
             s += (f", prompts left-truncated: {self.rationale_prompt_truncated} rationale / "
                   f"{self.answer_prompt_truncated} answer examples")
+        if self.rationale_tokens and self.kept and self.shared_rows < self.kept:
+            s += (f", one row per pair for {self.shared_rows}/{self.kept} (the others' rationale "
+                  f"is not a token prefix of their answer example: two rows)")
         return s + (f", supervised tokens: {self.rationale_tokens} rationale / "
                     f"{self.answer_tokens} answer")
 
@@ -193,7 +205,8 @@ class CasCoDStats:
                 "teacher_rationale_rows": self.teacher_rationale_rows,
                 "student_rationale_rows": self.student_rationale_rows,
                 "cache_rationale_from_prefix": self.cache_rationale_from_prefix,
-                "cache_rationale_separate": self.cache_rationale_separate}
+                "cache_rationale_separate": self.cache_rationale_separate,
+                "shared_rows": self.shared_rows}
 
 
 class CasCoDPairDataset:
@@ -281,6 +294,7 @@ def build_cascod_dataset(
         stats.answer_prompt_truncated += bool(a_ex.prompt_tokens_dropped)
         stats.rationale_tokens += r_ex.num_supervised
         stats.answer_tokens += a_ex.num_supervised
+        stats.shared_rows += shares_prefix(r_ex, a_ex)
         pairs.append((rid, r_ex, a_ex))
         stats.kept += 1
     if stats.dropped:
@@ -390,17 +404,28 @@ def _pad(seqs: Sequence[Sequence[int]], width: int, value: int) -> Any:
 class CasCoDCollator:
     """Right-pads a batch of items to one width.
 
-    Paired items → ``input_ids``, ``attention_mask``, ``labels`` of shape ``[2B, L]``: rows
-    ``0..B-1`` are the rationale examples, rows ``B..2B-1`` the answer examples of the same
-    records (one common width ``L`` so a single forward pass serves both, as in the authors'
-    "concat" mode), plus ``num_rationale_rows`` (``B``, a 0-d long tensor) and
-    ``answer_row_mask`` (``[2B]`` bool). Single-kind items → ``input_ids``, ``attention_mask``,
-    ``labels`` ``[B, L]``. Padding: ``pad_token_id`` / attention 0 / label −100.
-    ``pad_to_multiple_of`` rounds ``L`` up (tensor-core friendly on GPU).
+    **Paired items** share rows: a rationale example whose tokens (before its EOS) are its answer
+    example's first tokens (:func:`slmkd.data.cot_format.shares_prefix`; with the Qwen2 tokenizer
+    7,470 of 7,470 GSM8K train pairs and 81 of 81 BBH exemplar pairs) needs no row of its own: by
+    causality the answer row's hidden states at those positions are the rationale row's, so one
+    forward pass over ``B`` rows serves both CasCoD steps (the authors' "concat" forward runs
+    ``2B``). Only pairs that do not share (e.g. a prompt left-truncated differently) add a row.
+
+    Output: ``input_ids`` / ``attention_mask`` ``[B + E, L]`` (rows ``0..B-1`` the answer
+    examples, then the ``E`` unshared rationale examples); ``labels`` ``[2B, L]`` of the *virtual*
+    stacked batch the loss sees — rows ``0..B-1`` the rationale labels (each aligned to the row it
+    lives in), rows ``B..2B-1`` the answer labels; ``rationale_row_index`` ``[B]`` (the input row
+    of each rationale; :func:`pair_hidden` builds the virtual ``[2B, L, H]``),
+    ``num_rationale_rows`` (``B``, 0-d) and ``answer_row_mask`` (``[2B]`` bool).
+    ``share_rows=False`` gives every rationale its own row (``E = B``: the unshared layout, same
+    loss). Single-kind items → ``input_ids``, ``attention_mask``, ``labels`` ``[B, L]``.
+    Padding: ``pad_token_id`` / attention 0 / label −100. ``pad_to_multiple_of`` rounds ``L`` up
+    (tensor-core friendly on GPU).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    share_rows: bool = True
 
     def _width(self, seqs: Sequence[Sequence[int]]) -> int:
         w = max(len(s) for s in seqs)
@@ -414,9 +439,20 @@ class CasCoDCollator:
 
         if not items:
             raise ValueError("empty batch")
-        if "rationale_input_ids" in items[0]:
-            ids = [it[f"{k}_input_ids"] for k in ("rationale", "answer") for it in items]
-            labels = [it[f"{k}_labels"] for k in ("rationale", "answer") for it in items]
+        paired = "rationale_input_ids" in items[0]
+        if paired:
+            b = len(items)
+            ids = [it["answer_input_ids"] for it in items]
+            r_index: list[int] = []
+            for i, it in enumerate(items):
+                if self.share_rows and shares_prefix(it["rationale_input_ids"],
+                                                     it["answer_input_ids"]):
+                    r_index.append(i)
+                else:
+                    r_index.append(len(ids))
+                    ids.append(it["rationale_input_ids"])
+            labels = ([it["rationale_labels"] for it in items]
+                      + [it["answer_labels"] for it in items])
         else:
             ids = [it["input_ids"] for it in items]
             labels = [it["labels"] for it in items]
@@ -429,11 +465,37 @@ class CasCoDCollator:
         for key in items[0]:  # metadata: the record id; the teacher-cache lookup keys
             if key == "example_id" or key.startswith("cache_"):
                 batch[key] = [it[key] for it in items]
-        if "rationale_input_ids" in items[0]:
-            b = len(items)
+        if paired:
             batch["num_rationale_rows"] = torch.tensor(b, dtype=torch.long)
+            batch["rationale_row_index"] = torch.tensor(r_index, dtype=torch.long)
             batch["answer_row_mask"] = torch.arange(2 * b) >= b
         return batch
+
+
+def rationale_rows(inputs: dict[str, Any]) -> Any:
+    """The input rows that hold the batch's rationales, in order: ``slice(0, B)`` when every
+    pair shares its answer row, else the ``[B]`` index tensor (see :class:`CasCoDCollator`)."""
+    import torch
+
+    b = int(inputs["num_rationale_rows"])
+    idx = inputs["rationale_row_index"]
+    if torch.equal(idx.cpu(), torch.arange(b)):
+        return slice(0, b)
+    return idx
+
+
+def pair_hidden(hidden: Any, inputs: dict[str, Any]) -> Any:
+    """The virtual stacked batch ``[2B, T, H]`` of the joint loss from the forward pass over the
+    collator's ``B + E`` rows: ``cat(hidden[rationale rows], hidden[:B])``. Both halves are views
+    of one forward, so each shared row's gradient is the sum of its rationale and answer terms
+    (exactly the gradient of the unshared layout, by causality)."""
+    import torch
+
+    b = int(inputs["num_rationale_rows"])
+    rows = rationale_rows(inputs)
+    rat = hidden[rows] if isinstance(rows, slice) else hidden.index_select(
+        0, rows.to(hidden.device))
+    return torch.cat([rat, hidden[:b]], dim=0)
 
 
 # -- losses --------------------------------------------------------------------------------------
@@ -589,10 +651,11 @@ def _joint_compute_loss(trainer: Any, model: Any, inputs: dict[str, Any], items:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     hs, ws = trainer.student_hidden(model, ids, mask)
     ht = wt = None
-    if use_teacher:
-        ht, wt = trainer.teacher_hidden(ids[:b], mask[:b])
+    if use_teacher:  # the teacher only for the rows holding rationales (KD on those tokens)
+        rows = rationale_rows(inputs)
+        ht, wt = trainer.teacher_hidden(ids[rows], mask[rows])
     out = cascod_joint_loss(
-        hs, ws, inputs["labels"], b, alpha_cascod=cfg.cascod.alpha_cascod,
+        pair_hidden(hs, inputs), ws, inputs["labels"], b, alpha_cascod=cfg.cascod.alpha_cascod,
         teacher_hidden=ht, teacher_weight=wt, temperature=trainer.temperature,
         kd_alpha=trainer.alpha if use_teacher else 0.0, max_logit_abs=cfg.kd.max_logit_abs,
         vocab_size=trainer.vocab_size, num_rationale_tokens=items.get("rationale"),
