@@ -31,6 +31,7 @@ step train_1.5b_sft      90 $py benchmarks/train_step.py --student 1.5b --method
 step train_1.5b_cached   90 $py benchmarks/train_step.py --student 1.5b --method kd-cached --steps 8 --warmup 2 --out "$OUT/train_1.5b_cached.json"
 step train_3b_kd_8bit   180 $py benchmarks/train_step.py --student 3b --method kd --optim adamw_bnb_8bit --steps 8 --warmup 2 --out "$OUT/train_3b_kd_8bit.json"
 step train_1.5b_lora     90 $py benchmarks/train_step.py --student 1.5b --method kd --lora --steps 8 --warmup 2 --out "$OUT/train_1.5b_lora.json"
+step cascod_rows_3b     90 $py benchmarks/cascod_rows.py --student 3b --out "$OUT/cascod_rows_3b.json"
 step kd_loss_check      120 $py benchmarks/kd_loss.py --check-only --device cuda
 step kd_loss_cuda       300 $py benchmarks/kd_loss.py --device cuda --dtype bfloat16 --tokens 1024,4096,8192 --json "$OUT/kd_loss_cuda.json"
 step generate_7b        240 $py benchmarks/generate.py --config qwen2.5-7b --batch-sizes 64,256 --new-tokens 200 --no-vllm
