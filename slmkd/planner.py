@@ -103,7 +103,8 @@ SAFETY_FRACTION = 0.92
 METHODS_WITH_TEACHER = {"kd", "cascod-kd"}
 #: Methods whose batches stack a rationale row and an answer row per example.
 METHODS_WITH_PAIRED_ROWS = {"cascod", "cascod-kd"}
-KNOWN_METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd")
+KNOWN_METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd", "cascod-stage1",
+                 "cascod-stage2")
 TEACHER_SOURCES = ("live", "cached")
 #: Bytes of the cached teacher per supervised token and kept id: int32 id + bf16 value.
 CACHE_BYTES_PER_ID = 4 + 2
@@ -291,6 +292,9 @@ class TrainSetup:
     teacher_source: str = "live"  # "cached": KD reads the teacher's top-k from disk
     cache_top_k: int = 64
     cache_temperatures: int = 3  # normalisers stored per token (one per scheduled temperature)
+    #: parameters trained in full beside LoRA adapters, fp32 weights + grads + optimizer states
+    #: (cascod-2stage's stage 2: a trainable lm_head copy, V × H)
+    extra_trainable_params: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in KNOWN_METHODS:
@@ -442,6 +446,7 @@ def estimate_memory(
     # -- student parameters, gradients, optimizer states --------------------------------------
     comp["student weights"] = st.num_params * pb
     trainable = st.lora_params(setup.lora_r) if setup.lora else st.num_params
+    trainable += setup.extra_trainable_params
     if setup.lora:
         comp["student weights"] += trainable * 4  # adapters kept in fp32 by PEFT
     tb = 4 if setup.lora else pb
@@ -495,7 +500,8 @@ def estimate_memory(
     # slmkd.losses computes the lm_head weight's gradient [V, H] (in the weight's dtype) during
     # the forward and holds it until backward (CasCoD: one fused call for both terms); a frozen
     # lm_head (LoRA) needs none
-    comp["loss lm_head grad buffer"] = 0 if setup.lora else pb * v * st.hidden_size
+    comp["loss lm_head grad buffer"] = ((4 * v * st.hidden_size if setup.extra_trainable_params
+                                         else 0) if setup.lora else pb * v * st.hidden_size)
     if setup.loss_rows_per_example > 1:
         notes.append(f"{setup.method}: {rows} rows per micro-batch, each read by the loss twice "
                      f"(rationale and answer terms share the row)")

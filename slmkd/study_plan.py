@@ -106,8 +106,10 @@ class RunBudget:
     train_tokens: float
     teacher_hours: float
     floor_hours: float
-    finals: int = 1  # cascod-2stage keeps stage1/final and stage2/final
+    finals: int = 1  # cascod-2stage keeps stage1/final and stage2/adapter
     stage_hours: list[float] = field(default_factory=list)
+    #: the later stages' saved results (cascod-2stage: stage2/adapter, with its lm_head copy)
+    extra_final_gb: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "student": self.student, "seed": self.seed,
@@ -234,7 +236,7 @@ class StudyBudget:
             lines.append(f"  {m + ' ' + s:<38}{len(rs):3d}{r.vram_gib:10.1f}"
                          f"{'yes' if all(x.fits for x in rs) else 'NO':>6}"
                          f"{sum(x.hours for x in rs) / len(rs):7.2f}{r.checkpoint_gb:9.1f}"
-                         f"{r.final_gb * r.finals:10.1f}")
+                         f"{r.final_gb + r.extra_final_gb:10.1f}")
         if self.teacher_vram_gib:
             lines.append("  teacher VRAM GiB: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in self.teacher_vram_gib.items()))
@@ -300,6 +302,35 @@ def _pad_factor(cfg: ExperimentConfig, batch: int) -> float:
     if getattr(cfg.train, "group_by_length", False):
         return const("row_pad_length_grouped")
     return _interp_log2("row_pad_b", batch)
+
+
+def _stage_plan(cfg: Any, method: str, stage: str, spec: ModelSpec,
+                final_bpp: float) -> dict[str, Any]:
+    """Setup, memory estimate, checkpoint and saved-result sizes, epochs and step cap of one
+    training stage. ``cascod-2stage``'s stage 2 is a LoRA adapter (``cascod.stage2_lora_r``) on
+    the frozen bf16 stage-1 model, with a trainable lm_head copy (V × H, fp32 weights, grads and
+    AdamW states) when ``cascod.stage2_train_lm_head``, for ``cascod.stage2_epochs``."""
+    tr, cas = cfg.train, cfg.cascod
+    if stage == "cascod-stage2":
+        extra = spec.vocab_size * spec.hidden_size if cas.stage2_train_lm_head else 0
+        setup = setup_from_config(cfg, stage, lora=True, lora_r=cas.stage2_lora_r, param_bytes=2,
+                                  extra_trainable_params=extra, optim="adamw_torch")
+        epochs, max_steps = cas.stage2_epochs, cas.stage2_max_steps
+    else:
+        setup = setup_from_config(cfg, stage if method == "cascod-2stage" else method)
+        epochs, max_steps = tr.epochs, tr.max_steps
+    est = estimate_memory(spec, cfg.teacher if setup.uses_teacher else None, setup, cfg)
+    states = est.components["optimizer states"]
+    if setup.lora:
+        trained = spec.lora_params(setup.lora_r) + setup.extra_trainable_params
+        ckpt_b = trained * 4 + states
+        final_b = trained * 4 if stage == "cascod-stage2" else spec.num_params * final_bpp
+    else:
+        ckpt_b = spec.num_params * setup.param_bytes + states
+        final_b = spec.num_params * final_bpp
+    return {"stage": stage, "setup": setup, "est": est, "epochs": epochs, "max_steps": max_steps,
+            "ckpt_gb": ckpt_b / GB + const("ckpt_small_files_gb"),
+            "final_gb": final_b / GB + const("final_small_files_gb")}
 
 
 def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
@@ -403,30 +434,28 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     # -- 02/03: training --------------------------------------------------------------------------
     runs: list[RunBudget] = []
     final_bpp = _final_bytes_per_param(cfg)
+    cas = cfg.cascod
     for method in order:
         for skey in cfg.students:
             spec_s = students[skey]
-            setup = setup_from_config(cfg, method)
-            est = estimate_memory(spec_s, cfg.teacher if setup.uses_teacher else None, setup, cfg)
-            vram = est.total_gib
-            fits = tiny or limit is None or vram <= limit
-            comps = est.components
-            if setup.lora:
-                ckpt_b = spec_s.lora_params(setup.lora_r) * 4 + comps["optimizer states"]
-            else:
-                ckpt_b = spec_s.num_params * setup.param_bytes + comps["optimizer states"]
-            ckpt_gb = ckpt_b / GB + const("ckpt_small_files_gb")
-            final_gb = spec_s.num_params * final_bpp / GB + const("final_small_files_gb")
             stages = ["cascod-stage1", "cascod-stage2"] if method == "cascod-2stage" else [method]
+            plans = [_stage_plan(cfg, method, st, spec_s, final_bpp) for st in stages]
+            setup = plans[0]["setup"]
+            vram = max(pl["est"].total_gib for pl in plans)
+            fits = tiny or limit is None or vram <= limit
+            ckpt_gb = max(pl["ckpt_gb"] for pl in plans)
+            final_gb = plans[0]["final_gb"]
+            extra_final_gb = sum(pl["final_gb"] for pl in plans[1:])
             for seed in cfg.seeds:
                 s_total, t_total, fl_total, tok_total, saves = 0.0, 0.0, 0.0, 0.0, 0
                 stage_h: list[float] = []
-                for _stage in stages:
+                for pl in plans:
+                    setup = pl["setup"]
                     rows = setup.rows_per_example
                     pad = _pad_factor(cfg, setup.batch_size)
-                    examples = tr.epochs * n_kept
-                    if tr.max_steps and tr.max_steps > 0:
-                        examples = min(examples, tr.max_steps * tr.batch_size * tr.grad_accum_steps)
+                    examples = pl["epochs"] * n_kept
+                    if pl["max_steps"] and pl["max_steps"] > 0:
+                        examples = min(examples, pl["max_steps"] * tr.batch_size * tr.grad_accum_steps)
                     tokens = examples * rows * row_mean * pad
                     if tiny:
                         key = ("tiny_train_kd_s" if method == "kd" else "tiny_train_cascod_s"
@@ -452,10 +481,20 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                         overhead = (const("run_setup_s") + load_s(spec_s, bf16=setup.lora)
                                     + (load_s(teacher, bf16=not four_bit)
                                        if setup.loads_teacher else 0.0)
-                                    + n_saves * ckpt_gb / const("local_write_gbps")
-                                    + final_gb / const("local_write_gbps")
-                                    + final_gb / const("drive_write_gbps"))
+                                    + n_saves * pl["ckpt_gb"] / const("local_write_gbps")
+                                    + pl["final_gb"] / const("local_write_gbps")
+                                    + pl["final_gb"] / const("drive_write_gbps"))
                         gap["loads, saves, copies"] += overhead
+                        if pl["stage"] == "cascod-stage2" and cas.stage2_student_rationale_fraction:
+                            # the stage-1 student's greedy rationales, generated once (HF)
+                            g = generation_cost(
+                                spec_s, int(round(n_kept * cas.stage2_student_rationale_fraction)),
+                                cfg.generation.batch_size, prompt_mean, comp_mean,
+                                cfg.generation.max_new_tokens, dev, False, "hf")
+                            overhead += g.seconds
+                            floor_s += g.floor_seconds
+                            gap["generation (HF decode, bucket tails)"] += (g.seconds
+                                                                            - g.floor_seconds)
                     s_total += compute + teach + overhead
                     t_total += teach
                     fl_total += fl
@@ -469,7 +508,8 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                     vram_gib=vram, vram_limit_gib=limit, fits=fits, hours=s_total / 3600,
                     checkpoint_gb=ckpt_gb, final_gb=final_gb, checkpoints_written=saves,
                     train_tokens=tok_total, teacher_hours=t_total / 3600,
-                    floor_hours=fl_total / 3600, finals=len(stages), stage_hours=stage_h))
+                    floor_hours=fl_total / 3600, finals=len(stages), stage_hours=stage_h,
+                    extra_final_gb=extra_final_gb))
     par = max(1, int(cfg.parallel_runs)) if tiny else 1  # tiny: runs share parallel workers
     for r in runs:
         stage_hours["train_" + r.notebook] += r.hours / par
@@ -499,29 +539,33 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     for r in runs:
         targets.append((f"{r.method} {r.student} seed {r.seed}", by_name[r.student], False,
                         r.method.startswith("cascod")))
+    # vLLM cannot serve an adapter with a trained lm_head copy (modules_to_save): HF serves it
+    hf_labels = {t[0] for t in targets if t[0].startswith("cascod-2stage ")
+                 and cfg.cascod.stage2_train_lm_head}
     eval_s = 0.0
     eval_items_total = 0
     ds_stats = {"gsm8k": (const("gsm8k_prompt_tokens_mean"), comp_mean,
                           const("gsm8k_prompt_tokens_max")),
                 "bbh": (const("bbh_prompt_tokens_mean"), const("bbh_completion_tokens_mean"),
                         const("bbh_prompt_tokens_max"))}
-    for _label, spec, q4, cascod in targets:
+    for label, spec, q4, cascod in targets:
         if tiny:
             eval_s += const("tiny_eval_s") * len(ev.datasets) * (3 if cascod else 1)
             continue
-        extra = load_s(spec) + (const("vllm_engine_start_s") if _backend(ev.backend) == "vllm" else 0.0)
+        backend = "hf" if label in hf_labels else _backend(ev.backend)
+        extra = load_s(spec) + (const("vllm_engine_start_s") if backend == "vllm" else 0.0)
         cost = GenCost(0.0, 0.0, 0.0)
         for ds in ev.datasets:
             n = _eval_items(cfg, ds)
             eval_items_total += n
             p_mean, c_mean, _ = ds_stats[ds]
             cost = cost + generation_cost(spec, n, ev.batch_size, p_mean, c_mean,
-                                          ev.max_new_tokens, dev, q4, _backend(ev.backend))
+                                          ev.max_new_tokens, dev, q4, backend)
             if cascod:  # the cascaded answer pass, and error propagation's teacher-rationale pass
                 for _ in range(2):
                     ans = const("cascod_answer_steps")
                     cost = cost + generation_cost(spec, n, ev.batch_size, p_mean + c_mean, ans,
-                                                  int(ans), dev, q4, _backend(ev.backend))
+                                                  int(ans), dev, q4, backend)
         eval_s += cost.seconds + extra
         floor_s += cost.floor_seconds
         gap["generation (HF decode, bucket tails)"] += cost.seconds - cost.floor_seconds
@@ -603,7 +647,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
             drive_peak = d
             drive_at = (f"during {r.method} {r.student} seed {r.seed}: {finals_so_far:.1f} GB of "
                         f"finals so far + {run_peak:.1f} GB of this run's checkpoints/final")
-        finals_so_far += r.final_gb * r.finals
+        finals_so_far += r.final_gb + r.extra_final_gb
     drive_final = finals_so_far + cot_gb + cache_gb + eval_gb
     if drive_final > drive_peak:
         drive_peak, drive_at = drive_final, "after the evaluation"

@@ -284,3 +284,52 @@ def test_plan_command(capsys, tmp_path):
     args = parser.parse_args(["plan", "--profile", "tiny", "--detect", "--drive-root", str(tmp_path)])
     assert args.func(args) == 0
     assert "slmkd plan — profile tiny" in capsys.readouterr().out
+
+
+def test_cascod_2stage_plans_each_stage_its_lm_head_copy_and_its_hf_evaluation():
+    """Stage 2 of cascod-2stage is planned as what it is: a LoRA adapter on the frozen bf16
+    stage-1 model for ``stage2_epochs``, plus (with ``stage2_train_lm_head``) a trained lm_head
+    copy of V × H parameters — fp32 weights, grads and AdamW states in VRAM, fp32 in the saved
+    adapter — and the student-rationale generation before it; its evaluation runs on HF (vLLM
+    cannot serve an adapter with a trained lm_head copy)."""
+    spec = PRESETS["qwen2.5-3b"]
+    vh = spec.vocab_size * spec.hidden_size
+    base = {"methods": ["cascod-2stage"], "students": ["student_primary"], "seeds": [1]}
+    on = plan_study_budget(_cfg("a100-80g", base), escalation=False)
+    off = plan_study_budget(_cfg("a100-80g", {**base, "cascod.stage2_train_lm_head": False}),
+                            escalation=False)
+    (r_on,), (r_off,) = on.runs, off.runs
+    assert r_on.finals == 2
+    # the adapter's saved size grows by the fp32 lm_head copy
+    assert r_on.extra_final_gb - r_off.extra_final_gb == pytest.approx(4 * vh / GB, rel=1e-6)
+    # stage 1 (full fine-tuning) stays the larger VRAM figure, so the run's VRAM is stage 1's
+    assert r_on.vram_gib == pytest.approx(r_off.vram_gib)
+    # the evaluation: HF for the lm_head-copy adapter, vLLM otherwise
+    assert on.stage_hours["evaluate_04"] > 1.5 * off.stage_hours["evaluate_04"]
+    # stage 2's epochs and the student rationales count in the run's hours
+    more = plan_study_budget(_cfg("a100-80g", {**base, "cascod.stage2_epochs": 3}),
+                             escalation=False)
+    assert more.runs[0].stage_hours[1] > on.runs[0].stage_hours[1]
+    assert more.runs[0].stage_hours[0] == pytest.approx(on.runs[0].stage_hours[0])
+    no_gen = plan_study_budget(_cfg("a100-80g", {**base,
+                                                 "cascod.stage2_student_rationale_fraction": 0.0}),
+                               escalation=False)
+    assert no_gen.runs[0].stage_hours[1] < on.runs[0].stage_hours[1]
+
+
+def test_stage2_vram_counts_the_lm_head_copy():
+    from slmkd.study_plan import _stage_plan
+
+    cfg = _cfg("a100-80g")
+    spec = PRESETS["qwen2.5-3b"]
+    vh = spec.vocab_size * spec.hidden_size
+    on = _stage_plan(cfg, "cascod-2stage", "cascod-stage2", spec, 2.0)
+    cfg.cascod.stage2_train_lm_head = False
+    off = _stage_plan(cfg, "cascod-2stage", "cascod-stage2", spec, 2.0)
+    assert on["setup"].lora and on["setup"].extra_trainable_params == vh
+    d = on["est"].components
+    e = off["est"].components
+    # fp32 weights (4) + grads (4) + AdamW moments (8) + foreach AdamW's step transient (4) +
+    # the loss's fp32 lm_head grad buffer (4): 16.9 vs 10.6 GiB for 3B
+    extra = sum(d.values()) - sum(e.values())
+    assert extra == pytest.approx((4 + 4 + 8 + 4 + 4) * vh, rel=0.01)
