@@ -486,11 +486,12 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                                     + pl["final_gb"] / const("drive_write_gbps"))
                         gap["loads, saves, copies"] += overhead
                         if pl["stage"] == "cascod-stage2" and cas.stage2_student_rationale_fraction:
-                            # the stage-1 student's greedy rationales, generated once (HF)
+                            # the stage-1 student's greedy rationales, generated once with the
+                            # in-memory model (HF), decoded like the evaluator
                             g = generation_cost(
                                 spec_s, int(round(n_kept * cas.stage2_student_rationale_fraction)),
-                                cfg.generation.batch_size, prompt_mean, comp_mean,
-                                cfg.generation.max_new_tokens, dev, False, "hf")
+                                cfg.evaluation.batch_size, prompt_mean, comp_mean,
+                                cfg.evaluation.max_new_tokens, dev, False, "hf")
                             overhead += g.seconds
                             floor_s += g.floor_seconds
                             gap["generation (HF decode, bucket tails)"] += (g.seconds
