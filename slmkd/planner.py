@@ -101,7 +101,7 @@ FRAGMENTATION = 0.08
 SAFETY_FRACTION = 0.92
 
 METHODS_WITH_TEACHER = {"kd", "cascod-kd"}
-#: Methods whose batches stack a rationale row and an answer row per example.
+#: Methods whose loss reads each row twice (CasCoD's rationale and answer terms).
 METHODS_WITH_PAIRED_ROWS = {"cascod", "cascod-kd"}
 KNOWN_METHODS = ("sft", "kd", "cascod", "cascod-2stage", "cascod-kd", "cascod-stage1",
                  "cascod-stage2")
@@ -292,8 +292,7 @@ class TrainSetup:
     teacher_source: str = "live"  # "cached": KD reads the teacher's top-k from disk
     cache_top_k: int = 64
     cache_temperatures: int = 3  # normalisers stored per token (one per scheduled temperature)
-    #: parameters trained in full beside LoRA adapters, fp32 weights + grads + optimizer states
-    #: (cascod-2stage's stage 2: a trainable lm_head copy, V × H)
+    #: fp32-trained parameters beside LoRA adapters (cascod-2stage stage 2's lm_head copy, V × H)
     extra_trainable_params: int = 0
 
     def __post_init__(self) -> None:
@@ -320,17 +319,13 @@ class TrainSetup:
         """The teacher model sits on the GPU during training (live KD)."""
         return self.uses_teacher and self.teacher_source == "live"
 
-    @property
-    def rows_per_example(self) -> int:
-        """Student forward rows per example: 1 for every method — a CasCoD pair shares one row
-        (its rationale example is a token prefix of its answer example:
-        :class:`slmkd.training.cascod.CasCoDCollator`)."""
-        return 1
+    #: student forward rows per example: 1 for every method (a CasCoD pair shares one row:
+    #: :class:`slmkd.training.cascod.CasCoDCollator`)
+    rows_per_example = 1
 
     @property
     def loss_rows_per_example(self) -> int:
-        """Rows of hidden states the loss reads per example: CasCoD's joint loss sees the
-        shared row twice (rationale and answer terms, :func:`slmkd.training.cascod.pair_hidden`)."""
+        """Rows of hidden states the loss reads per example (CasCoD: the shared row twice)."""
         return 2 if self.method in METHODS_WITH_PAIRED_ROWS else 1
 
     @property
@@ -692,14 +687,6 @@ def estimate_vram(cfg: ExperimentConfig, method: str = "kd", student: str | None
     return plan_for_config(cfg, method=method, student=student, **kwargs)
 
 
-def human_bytes(n: float) -> str:
-    """``1536 * 2**20`` → ``'1.50 GiB'``."""
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def params_human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -709,5 +696,5 @@ __all__ = [
     "Recommendation", "VramPlan",
     "model_spec", "estimate_memory", "estimate_vram", "recommend_batch", "setup_from_config",
     "plan_for_config",
-    "human_bytes", "params_human",
+    "params_human",
 ]

@@ -55,9 +55,7 @@ from typing import TYPE_CHECKING, Any
 from slmkd.planner import (
     ModelSpec,
     TrainSetup,
-    estimate_memory,
     model_spec,
-    setup_from_config,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +73,8 @@ from slmkd.study_costs import (  # noqa: F401 - re-exported
     Constant,
     GenCost,
     _interp_log2,
+    _pad_factor,
+    _stage_plan,
     const,
     device_for,
     expected_decode_steps,
@@ -296,41 +296,6 @@ def _backend(backend: str) -> str:
     the vLLM release built for Colab's torch; without one the HF figures apply: plan with
     ``generation.backend`` / ``evaluation.backend`` = ``"hf"``)."""
     return "vllm" if backend == "auto" else backend
-
-
-def _pad_factor(cfg: ExperimentConfig, batch: int) -> float:
-    if getattr(cfg.train, "group_by_length", False):
-        return const("row_pad_length_grouped")
-    return _interp_log2("row_pad_b", batch)
-
-
-def _stage_plan(cfg: Any, method: str, stage: str, spec: ModelSpec,
-                final_bpp: float) -> dict[str, Any]:
-    """Setup, memory estimate, checkpoint and saved-result sizes, epochs and step cap of one
-    training stage. ``cascod-2stage``'s stage 2 is a LoRA adapter (``cascod.stage2_lora_r``) on
-    the frozen bf16 stage-1 model, with a trainable lm_head copy (V × H, fp32 weights, grads and
-    AdamW states) when ``cascod.stage2_train_lm_head``, for ``cascod.stage2_epochs``."""
-    tr, cas = cfg.train, cfg.cascod
-    if stage == "cascod-stage2":
-        extra = spec.vocab_size * spec.hidden_size if cas.stage2_train_lm_head else 0
-        setup = setup_from_config(cfg, stage, lora=True, lora_r=cas.stage2_lora_r, param_bytes=2,
-                                  extra_trainable_params=extra, optim="adamw_torch")
-        epochs, max_steps = cas.stage2_epochs, cas.stage2_max_steps
-    else:
-        setup = setup_from_config(cfg, stage if method == "cascod-2stage" else method)
-        epochs, max_steps = tr.epochs, tr.max_steps
-    est = estimate_memory(spec, cfg.teacher if setup.uses_teacher else None, setup, cfg)
-    states = est.components["optimizer states"]
-    if setup.lora:
-        trained = spec.lora_params(setup.lora_r) + setup.extra_trainable_params
-        ckpt_b = trained * 4 + states
-        final_b = trained * 4 if stage == "cascod-stage2" else spec.num_params * final_bpp
-    else:
-        ckpt_b = spec.num_params * setup.param_bytes + states
-        final_b = spec.num_params * final_bpp
-    return {"stage": stage, "setup": setup, "est": est, "epochs": epochs, "max_steps": max_steps,
-            "ckpt_gb": ckpt_b / GB + const("ckpt_small_files_gb"),
-            "final_gb": final_b / GB + const("final_small_files_gb")}
 
 
 def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,

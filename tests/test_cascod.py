@@ -905,6 +905,75 @@ def test_cascod_2stage_keeps_the_stage1_rationale_step(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_stage2_student_rationales_come_from_the_vllm_engine_before_training(world, tmp_path,
+                                                                             monkeypatch):
+    """When the evaluation backend resolves to vLLM, stage 2's student rationales are generated
+    by an engine on ``stage1/final`` (adapter off), closed before the training model loads; the
+    in-memory HF model then generates nothing. (A fake vLLM engine: HF on the same folder.)"""
+    from slmkd import generation
+    from slmkd.generation import batched, engines
+    from slmkd.modeling import load_causal_lm
+    from slmkd.training import staged
+    from slmkd.training.staged import read_student_rationales, train
+
+    opened: list[dict] = []
+
+    class FakeVLLM(engines.HFEngine):
+        backend = "vllm"
+
+        def generate(self, prompts, *, max_new_tokens, adapter=True, **kw):
+            opened[-1]["prompts"] += len(prompts)
+            opened[-1]["adapter"].add(adapter)
+            return super().generate(prompts, max_new_tokens=max_new_tokens, adapter=adapter, **kw)
+
+        def close(self):
+            opened[-1]["closed"] = True
+            super().close()
+
+    def fake_open(cfg, name, *, backend=None, tokenizer=None, **kw):
+        assert backend == "vllm"
+        opened.append({"name": str(name), "prompts": 0, "adapter": set(), "closed": False})
+        return FakeVLLM(load_causal_lm(str(name), cfg, for_training=False), tokenizer,
+                        batch_size=8)
+
+    hf_calls: list[int] = []
+    real_iter = generation.iter_generate_batched
+
+    def counting_iter(model, *a, **kw):
+        if not opened or opened[-1]["closed"]:  # the in-memory training model generating
+            hf_calls.append(1)
+        return real_iter(model, *a, **kw)
+
+    load_calls: list[bool] = []
+    assert not hasattr(staged, "load_causal_lm")  # imported at call time: patchable below
+    import slmkd.modeling as modeling
+
+    real_modeling_load = modeling.load_causal_lm
+
+    def recording_load(name, cfg, *a, **kw):
+        if str(name).endswith("final") and not kw.get("for_training", True):
+            load_calls.append(bool(opened) and opened[-1]["closed"])
+        return real_modeling_load(name, cfg, *a, **kw)
+
+    monkeypatch.setattr(batched, "resolve_backend", lambda b: "vllm")
+    monkeypatch.setattr(engines, "open_engine", fake_open)
+    monkeypatch.setattr(generation, "iter_generate_batched", counting_iter)
+    monkeypatch.setattr(modeling, "load_causal_lm", recording_load)
+    cfg = _cfg(world, **{"cascod.stage2_student_rationale_fraction": 0.25})
+    res = train(cfg, "cascod-2stage", "student_small", 0, run_dir=tmp_path / "two", max_steps=2)
+    (eng,) = opened
+    assert eng["name"].endswith("stage1/final") and eng["adapter"] == {False} and eng["closed"]
+    stored, bad = read_student_rationales(tmp_path / "two" / "stage2" / "student_rationales.jsonl")
+    assert bad == 0 and len(stored) == eng["prompts"] > 0
+    import json
+
+    s2 = json.loads((tmp_path / "two" / "stage2" / "train_summary.json").read_text())
+    assert s2["data"]["student_rationale_rows"] == len(stored) == 12  # 25 % of 48
+    assert res.run_dir == tmp_path / "two"
+    assert hf_calls == []  # the training model generated nothing
+    assert load_calls and all(load_calls)  # the stage-2 base loaded after the engine closed
+
+
 def test_cascod_2stage_adapter_stage_kill9_resume_is_bit_identical(world, tmp_path):
     """Stage 2 (the adapter) killed with SIGKILL mid-way resumes from its checkpoint to the same
     adapter as an uninterrupted run; the stored student rationales are reused, not redone."""

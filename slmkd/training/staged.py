@@ -85,7 +85,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["ADAPTER_DIR", "ADAPTER_STAGES", "LORA_TARGET_MODULES", "ensure_student_rationales",
-           "prepare_stage2_dataset", "read_student_rationales", "train", "train_adapter_stage",
+           "pregenerate_student_rationales", "prepare_stage2_dataset", "read_student_rationales",
+           "student_rationale_items", "train", "train_adapter_stage",
            "train_staged"]
 
 #: where an adapter stage saves its result, inside its stage folder
@@ -316,6 +317,10 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
     with state.main_process_first():
         records, cot_path = load_training_records(cfg)
     device = state.device
+    meta = {"base_model": ident["init_model"], "base_summary": ident["init_model_summary"]}
+    if stage == STAGE2_METHOD and main:  # vLLM before the training model takes the GPU
+        pregenerate_student_rationales(cfg, records, tokenizer, base_dir, stage_dir=run_dir,
+                                       seed=seed, meta=meta, show_progress=main)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
         else torch.float32
     model = load_causal_lm(str(base_dir), cfg, role="student", for_training=False, device=device,
@@ -326,8 +331,7 @@ def _fit_adapter(cfg: ExperimentConfig, spec: MethodSpec, stage: str, student_na
         ensure_vocab_alignment(model, tokenizer)
     with state.main_process_first():  # the main process generates, the others read the store
         dataset, data_stats = ADAPTER_STAGES[stage](
-            cfg, records, tokenizer, model, stage_dir=run_dir, seed=seed,
-            meta={"base_model": ident["init_model"], "base_summary": ident["init_model_summary"]},
+            cfg, records, tokenizer, model, stage_dir=run_dir, seed=seed, meta=meta,
             show_progress=main)
     if len(dataset) == 0:
         raise ValueError(f"No training example survived for {stage}: {data_stats}")
@@ -406,6 +410,10 @@ def ensure_student_rationales(
 ) -> dict[str, str]:
     """The model's greedy rationale for every ``(id, prompt)`` of ``items``, generated once.
 
+    ``model`` is an in-memory HF model, or an open engine of :mod:`slmkd.generation.engines`
+    (vLLM on the stage-1 folder: :func:`pregenerate_student_rationales`), which generates
+    ``8 · batch_size`` prompts per appended chunk.
+
     ``path`` (a ``.jsonl``: ``{"id", "rationale", "num_new_tokens", "hit_max_new_tokens"}`` per
     line) is appended bucket by bucket (fsynced), so an interrupted call loses at most one bucket
     and a rerun generates only the ids not yet stored (never twice; a torn last line is dropped).
@@ -417,6 +425,7 @@ def ensure_student_rationales(
     """
     from slmkd import generation
     from slmkd.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl, read_json
+    from slmkd.generation.engines import is_engine
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,16 +450,60 @@ def ensure_student_rationales(
     if pending:
         logger.info("generating %d student rationales into %s (%d stored)", len(pending), path,
                     len(done))
-        for b in generation.iter_generate_batched(
-                model, tokenizer, [p for _, p in pending], max_new_tokens=max_new_tokens,
-                batch_size=batch_size, desc="stage 2: student rationales",
-                show_progress=show_progress):
+        prompts = [p for _, p in pending]
+        if is_engine(model):
+            step = max(1, 8 * int(batch_size))
+            chunks = ((list(range(i, min(i + step, len(prompts)))),
+                       model.generate(prompts[i:i + step], max_new_tokens=max_new_tokens,
+                                      adapter=False, desc="stage 2: student rationales",
+                                      show_progress=show_progress))
+                      for i in range(0, len(prompts), step))
+        else:
+            chunks = ((b.indices, b.outputs) for b in generation.iter_generate_batched(
+                model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                desc="stage 2: student rationales", show_progress=show_progress))
+        for indices, outputs in chunks:
             rows = [{"id": pending[i][0], "rationale": o.text.strip(),
                      "num_new_tokens": o.num_new_tokens, "hit_max_new_tokens": o.hit_max_new_tokens}
-                    for i, o in zip(b.indices, b.outputs, strict=True)]
+                    for i, o in zip(indices, outputs, strict=True)]
             append_jsonl(path, rows)
             done.update({r["id"]: r for r in rows})
     return {str(rid): done[str(rid)]["rationale"] for rid, _ in items}
+
+
+def student_rationale_items(cfg: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
+                            seed: int) -> list[tuple[str, str]]:
+    """``(id, prompt)`` of the records whose stage-2 example reads the student's own rationale
+    (:func:`select_student_rationale_ids` over the records with a clean split)."""
+    cands = _stage2_candidates(tokenizer, records, CasCoDStats(), _bbh_prompts_for(cfg, records))
+    chosen = select_student_rationale_ids([c[0] for c in cands],
+                                          cfg.cascod.stage2_student_rationale_fraction, seed)
+    return [(rid, prompt) for rid, prompt, *_ in cands if rid in chosen]
+
+
+def pregenerate_student_rationales(cfg: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
+                                   base_dir: str | os.PathLike, *, stage_dir: str | os.PathLike,
+                                   seed: int, meta: dict[str, Any],
+                                   show_progress: bool = True) -> bool:
+    """Generate stage 2's student rationales with vLLM on the stage-1 folder before the
+    training model is loaded, when the evaluation backend resolves to vLLM (``auto`` on CUDA
+    with vLLM installed); the in-memory HF model then finds them all stored. Returns whether it
+    ran (False: HF generates them later, as before)."""
+    from slmkd.generation.batched import resolve_backend
+    from slmkd.generation.engines import open_engine
+
+    if resolve_backend(getattr(cfg.evaluation, "backend", "hf")) != "vllm":
+        return False
+    items = student_rationale_items(cfg, records, tokenizer, seed)
+    path = Path(stage_dir) / STUDENT_RATIONALES_FILE
+    done, _ = read_student_rationales(path) if path.is_file() else ({}, 0)
+    if not items or all(rid in done for rid, _ in items):
+        return False
+    with open_engine(cfg, str(base_dir), backend="vllm", tokenizer=tokenizer) as engine:
+        ensure_student_rationales(
+            engine, tokenizer, items, path, max_new_tokens=cfg.evaluation.max_new_tokens,
+            batch_size=cfg.evaluation.batch_size, meta=meta, show_progress=show_progress)
+    return True
 
 
 def prepare_stage2_dataset(cfg: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
@@ -464,12 +517,9 @@ def prepare_stage2_dataset(cfg: Any, records: Sequence[dict[str, Any]], tokenize
     evaluator: ``cfg.evaluation.max_new_tokens``, ``cfg.evaluation.batch_size``) and builds the
     mixed dataset (:func:`build_stage2_dataset`)."""
     bbh = _bbh_prompts_for(cfg, records)
-    cands = _stage2_candidates(tokenizer, records, CasCoDStats(), bbh)
-    chosen = select_student_rationale_ids([c[0] for c in cands],
-                                          cfg.cascod.stage2_student_rationale_fraction, seed)
+    items = student_rationale_items(cfg, records, tokenizer, seed)
     rats: dict[str, str] = {}
-    if chosen:
-        items = [(rid, prompt) for rid, prompt, *_ in cands if rid in chosen]
+    if items:
         rats = ensure_student_rationales(
             model, tokenizer, items, Path(stage_dir) / STUDENT_RATIONALES_FILE,
             max_new_tokens=cfg.evaluation.max_new_tokens, batch_size=cfg.evaluation.batch_size,
