@@ -451,13 +451,14 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                                     + pl["final_gb"] / const("drive_write_gbps"))
                         gap["loads, saves, copies"] += overhead
                         if pl["stage"] == "cascod-stage2" and cas.stage2_student_rationale_fraction:
-                            # the stage-1 student's greedy rationales, generated once with the
-                            # in-memory model (HF), decoded like the evaluator
+                            # stage-1 student rationales, decoded like the evaluator
+                            gb = _backend(cfg.evaluation.backend)
                             g = generation_cost(
                                 spec_s, int(round(n_kept * cas.stage2_student_rationale_fraction)),
                                 cfg.evaluation.batch_size, prompt_mean, comp_mean,
-                                cfg.evaluation.max_new_tokens, dev, False, "hf")
-                            overhead += g.seconds
+                                cfg.evaluation.max_new_tokens, dev, False, gb)
+                            overhead += g.seconds + (const("vllm_engine_start_s") + load_s(spec_s)
+                                                     if gb == "vllm" else 0.0)
                             floor_s += g.floor_seconds
                             gap["generation (HF decode, bucket tails)"] += (g.seconds
                                                                             - g.floor_seconds)
@@ -505,9 +506,8 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     for r in runs:
         targets.append((f"{r.method} {r.student} seed {r.seed}", by_name[r.student], False,
                         r.method.startswith("cascod")))
-    # vLLM cannot serve an adapter with a trained lm_head copy (modules_to_save): HF serves it
-    hf_labels = {t[0] for t in targets if t[0].startswith("cascod-2stage ")
-                 and cfg.cascod.stage2_train_lm_head}
+    hf_labels = {t[0] for t in targets if t[0].startswith("cascod-2stage ")  # vLLM cannot
+                 and cfg.cascod.stage2_train_lm_head}  # serve an adapter's lm_head copy: HF
     eval_s = 0.0
     eval_items_total = 0
     ds_stats = {"gsm8k": (const("gsm8k_prompt_tokens_mean"), comp_mean,
