@@ -397,7 +397,9 @@ def _stage_plan(cfg: Any, method: str, stage: str, spec: ModelSpec,
                                   extra_trainable_params=extra, optim="adamw_torch")
         epochs, max_steps = cas.stage2_epochs, cas.stage2_max_steps
     else:
-        setup = setup_from_config(cfg, stage if method == "cascod-2stage" else method)
+        joint = getattr(cas, "stage1_objective", "rationale") == "joint"
+        setup = setup_from_config(cfg, ("cascod" if joint else stage) if method == "cascod-2stage"
+                                  else method)
         epochs, max_steps = tr.epochs, tr.max_steps
     est = estimate_memory(spec, cfg.teacher if setup.uses_teacher else None, setup, cfg)
     states = est.components["optimizer states"]

@@ -974,6 +974,31 @@ def test_stage2_student_rationales_come_from_the_vllm_engine_before_training(wor
     assert load_calls and all(load_calls)  # the stage-2 base loaded after the engine closed
 
 
+def test_cascod_2stage_joint_stage1_is_the_joint_cascod_run(world, tmp_path):
+    """``cascod.stage1_objective = "joint"``: stage 1 trains the joint CasCoD loss — its weights
+    are bit-identical to a ``cascod`` run's (same seed, steps, config) — and stage 2 is the
+    adapter on it; the default ("rationale") trains q -> r only and differs."""
+    import torch
+
+    from slmkd.training.run import train as train_single
+    from slmkd.training.staged import stage_method, train
+
+    cfg = _cfg(world, **{"cascod.stage1_objective": "joint"})
+    assert stage_method(cfg, "cascod-stage1") == "cascod"
+    res = train(cfg, "cascod-2stage", "student_small", 0, run_dir=tmp_path / "two", max_steps=3)
+    assert [st["method"] for st in res.summary["stages"]] == ["cascod", "cascod-stage2"]
+    joint = train_single(cfg, "cascod", "student_small", 0, run_dir=tmp_path / "joint",
+                         max_steps=3)
+    a = _weights(tmp_path / "two" / "stage1" / "final")
+    b = _weights(joint.final_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    seq = train_single(_cfg(world), "cascod-stage1", "student_small", 0,
+                       run_dir=tmp_path / "seq", max_steps=3)
+    c = _weights(seq.final_dir)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "two" / res.summary["final_model_dir"]).is_dir()
+
+
 def test_cascod_2stage_adapter_stage_kill9_resume_is_bit_identical(world, tmp_path):
     """Stage 2 (the adapter) killed with SIGKILL mid-way resumes from its checkpoint to the same
     adapter as an uninterrupted run; the stored student rationales are reused, not redone."""

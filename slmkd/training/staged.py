@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ADAPTER_DIR", "ADAPTER_STAGES", "LORA_TARGET_MODULES", "ensure_student_rationales",
            "pregenerate_student_rationales", "prepare_stage2_dataset", "read_student_rationales",
-           "student_rationale_items", "train", "train_adapter_stage",
+           "stage_method", "student_rationale_items", "train", "train_adapter_stage",
            "train_staged"]
 
 #: where an adapter stage saves its result, inside its stage folder
@@ -116,6 +116,14 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
                         init_model=init_model)
 
 
+def stage_method(cfg: Any, stage: str) -> str:
+    """The method a stage runs: ``cascod-stage1`` is ``cascod`` (the joint loss) when
+    ``cfg.cascod.stage1_objective == "joint"``, else itself."""
+    if stage == "cascod-stage1" and getattr(cfg.cascod, "stage1_objective", "rationale") == "joint":
+        return "cascod"
+    return stage
+
+
 def train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: int, *,
                  run_dir: Path, max_steps: int, save_steps: int | None, force: bool,
                  live_plot: bool, init_model: str | os.PathLike | None = None) -> TrainResult:
@@ -130,7 +138,8 @@ def train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: in
     t0 = time.time()
     prev: Path | None = Path(init_model) if init_model is not None else None
     results = []
-    for i, stage in enumerate(spec.stages, start=1):
+    stages = [stage_method(cfg, s) for s in spec.stages]
+    for i, stage in enumerate(stages, start=1):
         stage_dir = run_dir / f"stage{i}"
         if i > 1 and stage in ADAPTER_STAGES:
             res = train_adapter_stage(cfg, stage, student, seed, run_dir=stage_dir, base_dir=prev,
@@ -156,7 +165,7 @@ def train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: in
         "final_loss": last.get("final_loss"), "final_ce": last.get("final_ce"),
         "final_kd": last.get("final_kd"), "wall_time_s": time.time() - t0,
         "stages": [{"method": s, "run_dir": os.path.relpath(r.run_dir, run_dir),
-                    "summary": r.summary} for s, r in zip(spec.stages, results, strict=True)],
+                    "summary": r.summary} for s, r in zip(stages, results, strict=True)],
     }
     total = sum(r.summary.get("optimizer_steps_taken", 0) + r.summary["skipped_batches"]
                 for r in results)
