@@ -465,3 +465,16 @@ def test_lora_kd_run_trains_adapters_only_and_saves_a_merged_model(world, tmp_pa
     assert torch.equal(sd[emb], init[emb])  # not a LoRA target: untouched
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(sd[q], init[q])  # adapted and merged
+
+
+def test_a_setting_added_after_the_run_does_not_block_its_resume_at_its_default():
+    """run.json written before ``cascod.stage1_objective`` existed: at its default the run still
+    resumes; set to another value (or a recorded setting changed) it is a mismatch."""
+    from slmkd.training.run import _diff
+
+    old = {"method": "cascod", "cascod.alpha_cascod": 0.1}
+    assert _diff(old, {**old, "cascod.stage1_objective": "rationale"}) == []
+    assert _diff(old, {**old, "cascod.stage1_objective": "joint"}) == [
+        "cascod.stage1_objective: '<absent>' -> 'joint'"]
+    assert _diff(old, {**old, "cascod.alpha_cascod": 0.2}) != []
+    assert _diff({**old, "cascod.gone": 1}, old) != []  # a recorded setting that vanished

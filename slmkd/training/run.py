@@ -170,9 +170,16 @@ def run_identity(cfg: ExperimentConfig, spec: MethodSpec, student_name: str, see
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The identity keys that differ. A setting added to the config after the run was recorded
+    (absent from ``old``) does not count while it holds its default: new settings default to
+    the behaviour that existed before them, so an upgrade mid-study resumes its runs."""
+    from slmkd.config import ExperimentConfig
+
+    defaults = _flat(ExperimentConfig().to_dict())
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-            for k in keys if old.get(k) != new.get(k)]
+            for k in keys if old.get(k) != new.get(k)
+            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
 
 def _say(msg: str) -> None:
