@@ -6,7 +6,11 @@ What it checks, on tiny random Qwen2 models (head_dim 64: vLLM's CPU attention r
    without a restart; greedy outputs equal HF greedy decoding of the same fp32 model;
 2. :meth:`close` shuts the engine core down: its worker process is gone afterwards;
 3. a second model's engine then starts in the same process and generates;
-4. (``--lora``) an adapter folder is served as base + LoRA: adapter off = the base's outputs.
+4. (``--lora``) an adapter folder is served as base + LoRA: adapter off = the base's outputs;
+5. an :class:`slmkd.generation.EngineSlot` serves model A, then model B (same architecture,
+   other weights) from the same engine (weights reloaded in place, prefix cache reset): B's
+   outputs equal HF greedy decoding of B, A's prompts included (a stale prefix cache would
+   replay A's keys and values), with one engine start.
 
 Prints one JSON line per step (times in seconds) and exits non-zero on a failed check. Run it in a
 venv with ``vllm`` (see tests/test_vllm_engine.py for the set-up)::
@@ -172,6 +176,29 @@ def main() -> int:
         _say(step="lora", seconds=round(time.perf_counter() - t, 1),
              adapter_off_equal_to_base=f"{same_off}/{len(base)}",
              adapter_on_differs=f"{diff_on}/{len(base)}")
+    from slmkd.generation import EngineSlot
+
+    hf2 = AutoModelForCausalLM.from_pretrained(str(m2), dtype=torch.float32)
+    t = time.perf_counter()
+    with EngineSlot() as slot:
+        ea = slot.open(cfg, str(m1))
+        oa = ea.generate(sets["gsm8k"], max_new_tokens=a.max_new_tokens, show_progress=False)
+        ea.close()
+        eb = slot.open(cfg, str(m2))
+        ob = eb.generate(sets["gsm8k"], max_new_tokens=a.max_new_tokens, show_progress=False)
+        opened, switched = slot.opened, slot.switched
+    ref_b = generate_batched(hf2, tok, sets["gsm8k"], max_new_tokens=a.max_new_tokens,
+                             batch_size=4, show_progress=False)
+    ref_a = generate_batched(hf, tok, sets["gsm8k"], max_new_tokens=a.max_new_tokens,
+                             batch_size=4, show_progress=False)
+    same_b = sum(o.token_ids == r.token_ids for o, r in zip(ob, ref_b, strict=True))
+    same_a = sum(o.token_ids == r.token_ids for o, r in zip(oa, ref_a, strict=True))
+    a_ne_b = sum(x.token_ids != y.token_ids for x, y in zip(ref_a, ref_b, strict=True))
+    ok &= same_b == len(ref_b) and same_a == len(ref_a) and opened == 1 and switched == 1
+    _say(step="reload", seconds=round(time.perf_counter() - t, 1), engine_starts=opened,
+         switches=switched, model_a_equal_to_hf=f"{same_a}/{len(ref_a)}",
+         model_b_after_reload_equal_to_hf=f"{same_b}/{len(ref_b)}",
+         a_and_b_differ_on=f"{a_ne_b}/{len(ref_a)}")
     _say(step="done", ok=bool(ok))
     return 0 if ok else 1
 

@@ -401,6 +401,8 @@ def _stage_plan(cfg: Any, method: str, stage: str, spec: ModelSpec,
         setup = setup_from_config(cfg, ("cascod" if joint else stage) if method == "cascod-2stage"
                                   else method)
         epochs, max_steps = tr.epochs, tr.max_steps
+        if stage == "cascod-stage1" and getattr(cas, "stage1_epochs", None) is not None:
+            epochs = int(cas.stage1_epochs)
     est = estimate_memory(spec, cfg.teacher if setup.uses_teacher else None, setup, cfg)
     states = est.components["optimizer states"]
     if setup.lora:

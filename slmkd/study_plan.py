@@ -37,14 +37,8 @@ The storage policy modelled (``slmkd.trainer``):
 Runs are sequential in the notebooks' order: notebook 02 (``sft``, ``kd``) then 03 (the CasCoD
 methods), each ``method → student (cfg.students order) → seed`` as ``slmkd.notebook.train_grid``.
 
-Usage::
-
-    from slmkd.config import load_config
-    from slmkd.study_plan import plan_study_budget
-
-    budget = plan_study_budget(load_config("a100-40g"))
-    print(budget.format())
-    raise SystemExit(budget.exit_code)   # bit 1 GPU, 2 local disk, 4 Drive
+Usage: ``budget = plan_study_budget(load_config("a100-40g")); print(budget.format())``;
+``budget.exit_code``: bit 1 GPU, 2 local disk, 4 Drive.
 """
 
 from __future__ import annotations
@@ -425,7 +419,8 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                     if tiny:
                         key = ("tiny_train_kd_s" if method == "kd" else "tiny_train_cascod_s"
                                if method in ("cascod", "cascod-kd") else "tiny_train_s")
-                        compute, teach, fl = const(key), 0.0, 0.0
+                        compute, teach, fl = const(key) * (pl["epochs"] / tr.epochs if pl[
+                            "stage"] == "cascod-stage1" else 1), 0.0, 0.0
                         overhead = 0.0
                     else:
                         f_s = (4 if setup.lora else 6) * matmul_params(spec_s)
@@ -499,27 +494,31 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     # -- 04: evaluation ---------------------------------------------------------------------------
     ev = cfg.evaluation
     targets: list[tuple[str, ModelSpec, bool, bool]] = []  # label, spec, 4-bit, cascod
-    for skey in cfg.students:
-        targets.append((f"base {students[skey].name}", students[skey], False, False))
+    for skey in cfg.students:  # evaluate_study's order: a base, its runs; the teacher last
+        st = students[skey]
+        targets.append((f"base {st.name}", st, False, False))
+        targets += [(f"{r.method} {r.student} seed {r.seed}", st, False,
+                     r.method.startswith("cascod")) for r in sorted(
+                         runs, key=lambda r: (r.method, r.seed)) if r.student == st.name]
     targets.append((f"teacher {teacher.name}", teacher, four_bit, False))
-    by_name = {spec.name: spec for spec in students.values()}
-    for r in runs:
-        targets.append((f"{r.method} {r.student} seed {r.seed}", by_name[r.student], False,
-                        r.method.startswith("cascod")))
     hf_labels = {t[0] for t in targets if t[0].startswith("cascod-2stage ")  # vLLM cannot
                  and cfg.cascod.stage2_train_lm_head}  # serve an adapter's lm_head copy: HF
     eval_s = 0.0
-    eval_items_total = 0
+    eval_items_total = engine_starts = 0
     ds_stats = {"gsm8k": (const("gsm8k_prompt_tokens_mean"), comp_mean,
                           const("gsm8k_prompt_tokens_max")),
                 "bbh": (const("bbh_prompt_tokens_mean"), const("bbh_completion_tokens_mean"),
                         const("bbh_prompt_tokens_max"))}
+    served = None  # what the open vLLM engine serves: the next model of its shape is reloaded
     for label, spec, q4, cascod in targets:
         if tiny:
             eval_s += const("tiny_eval_s") * len(ev.datasets) * (3 if cascod else 1)
             continue
         backend = "hf" if label in hf_labels else _backend(ev.backend)
-        extra = load_s(spec) + (const("vllm_engine_start_s") if backend == "vllm" else 0.0)
+        start = backend == "vllm" and (served is not spec or q4)
+        extra = load_s(spec) + (const("vllm_engine_start_s") if start else 0.0)
+        served = spec if backend == "vllm" and not q4 else None
+        engine_starts += start
         cost = GenCost(0.0, 0.0, 0.0)
         for ds in ev.datasets:
             n = _eval_items(cfg, ds)
@@ -540,8 +539,9 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     details["evaluate_04"] = (f"{len(targets)} models x {', '.join(ev.datasets)} "
                               f"({_eval_items(cfg, 'gsm8k') if 'gsm8k' in ev.datasets else 0} GSM8K"
                               + (f", {_eval_items(cfg, 'bbh')} BBH" if "bbh" in ev.datasets else "")
-                              + f" items), {_backend(ev.backend)}, batch {ev.batch_size}, max_new_tokens "
-                              f"{ev.max_new_tokens}"
+                              + f" items), {_backend(ev.backend)}"
+                              + (f" ({engine_starts} engine starts)" if engine_starts else "")
+                              + f", batch {ev.batch_size}, max_new_tokens {ev.max_new_tokens}"
                               + "; CasCoD runs: + answer pass + error propagation")
     stage_hours["report_05"] = const("report_s") / 3600
     details["report_05"] = "tables, paired statistics, plots"

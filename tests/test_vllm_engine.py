@@ -124,6 +124,10 @@ def test_real_vllm_lifecycle(tmp_path):
                s["tokens_equal_to_hf_greedy"].split("/")[1] for s in gens) and len(gens) == 2
     assert by["close"]["engine_processes_left"] == 0 and by["done"]["ok"] is True
     assert by["lora"]["adapter_off_equal_to_base"] == "6/6"
+    # one engine for two models of one architecture: B after the reload decodes like B
+    assert by["reload"]["engine_starts"] == 1 and by["reload"]["switches"] == 1
+    assert by["reload"]["model_b_after_reload_equal_to_hf"] == "6/6"
+    assert by["reload"]["a_and_b_differ_on"] != "0/6"
 
 
 def test_an_adapter_that_replaces_modules_is_served_by_hf(tmp_path, monkeypatch):
@@ -143,3 +147,105 @@ def test_an_adapter_that_replaces_modules_is_served_by_hf(tmp_path, monkeypatch)
     cfg = load_config("tiny", overrides={"drive_root": str(tmp_path)}, environ={})
     eng = open_engine(cfg, str(ad), backend="vllm", tokenizer=_Tok())
     assert isinstance(eng, HFEngine) and loaded == [str(ad)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one engine across models: in-place weight reload (same architecture) and LoRA switching
+# ---------------------------------------------------------------------------------------------
+class _ReloadLLM(_FakeLLM):
+    def __init__(self):
+        super().__init__()
+        self.rpcs, self.prefix_resets = [], 0
+
+    def collective_rpc(self, method, kwargs=None, **_):
+        self.rpcs.append((method, kwargs))
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+        return True
+
+
+def _model_dir(tmp_path, name, hidden=64, layers=2):
+    from transformers import Qwen2Config
+
+    d = tmp_path / name
+    Qwen2Config(vocab_size=128, hidden_size=hidden, intermediate_size=128,
+                num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(d)
+    return str(d)
+
+
+def test_switch_to_reloads_weights_in_place_only_for_the_same_architecture(fake_vllm, tmp_path):
+    a, b = _model_dir(tmp_path, "a"), _model_dir(tmp_path, "b")
+    wide = _model_dir(tmp_path, "wide", hidden=128)
+    llm = _ReloadLLM()
+    eng = VLLMEngine(a, _Tok(), llm=llm)
+    assert eng.switch_to(b, _Tok()) is True
+    assert llm.rpcs == [("reload_weights", {"weights_path": b})] and llm.prefix_resets == 1
+    assert eng.switch_to(wide, _Tok()) is False  # other shapes: a new engine, nothing touched
+    assert len(llm.rpcs) == 1 and llm.prefix_resets == 1 and eng.model_path == b
+    q = VLLMEngine(a, _Tok(), llm=_ReloadLLM(), llm_kwargs={"quantization": "bitsandbytes"})
+    assert q.switch_to(b, _Tok()) is False  # a 4-bit engine is not reloaded from bf16 weights
+
+
+def test_switch_to_serves_the_next_adapter_of_the_same_base_as_a_new_lora(fake_vllm, tmp_path):
+    llm = _ReloadLLM()
+    eng = VLLMEngine("base", _Tok(), adapter_path="/runs/s42/final", llm=llm)
+    assert eng.switch_to("base", _Tok(), adapter_path="/runs/s123/final") is True
+    eng.generate(["a"], max_new_tokens=4, show_progress=False)
+    assert llm.requests == [("lora", "/runs/s123/final")] and llm.rpcs == []
+    assert eng.switch_to("other-base", _Tok(), adapter_path="/x/final") is False
+    assert eng.switch_to("base", _Tok()) is False  # a full model: not through a LoRA engine
+
+
+def test_engine_slot_starts_one_engine_per_architecture(fake_vllm, tmp_path, monkeypatch):
+    """Four models, two shapes, in order: two engine starts, two in-place switches; each engine
+    is shut down exactly once (the first when the second shape comes, the last at the end)."""
+    import slmkd.generation.engines as engines_mod
+    from slmkd.generation import EngineSlot
+
+    paths = [_model_dir(tmp_path, n, hidden=h) for n, h in
+             (("s1", 64), ("s2", 64), ("m1", 128), ("m2", 128))]
+    made = []
+
+    def fake_open(cfg, name, **kw):
+        made.append(VLLMEngine(str(name), _Tok(), llm=_ReloadLLM()))
+        return made[-1]
+
+    monkeypatch.setattr(engines_mod, "open_engine", fake_open)
+    monkeypatch.setattr(engines_mod, "load_generation_tokenizer", lambda *a, **k: _Tok())
+    cfg = types.SimpleNamespace()
+    with EngineSlot() as slot:
+        for p in paths:
+            eng = slot.open(cfg, p)
+            eng.generate(["q"], max_new_tokens=2, show_progress=False)
+            eng.close()  # returns the engine to the slot
+        assert slot.opened == 2 and slot.switched == 2
+        assert made[0].llm is None and made[1].llm is not None
+    assert [m.closed for m in made] == [True, True]
+    assert made[1].switches == 1 and made[1].model_path == paths[3]
+
+
+def test_evaluate_study_orders_models_by_student_base_first_teacher_last(tmp_path, monkeypatch):
+    import slmkd.evaluation.evaluate as ev
+
+    order = []
+    runs = []
+    for method, student, seed in (("kd", "S-big", 1), ("sft", "S-small", 2), ("kd", "S-small", 1),
+                                  ("sft", "S-big", 1)):
+        d = tmp_path / method / student / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "train_summary.json").write_text(json.dumps(
+            {"method": method, "student": student, "seed": seed}))
+        runs.append(d)
+    monkeypatch.setattr(ev, "evaluate_run", lambda cfg, d, engines=None, **k: order.append(
+        ("run", Path(d).relative_to(tmp_path).as_posix())) or {})
+    monkeypatch.setattr(ev, "evaluate_on_datasets", lambda cfg, m, kind, engines=None, **k:
+                        order.append((kind, m)) or {})
+    cfg = types.SimpleNamespace(students=["small", "big"], teacher="T",
+                                student_name=lambda s: {"small": "S-small", "big": "S-big"}[s])
+    ev.evaluate_study(cfg, runs)
+    assert order == [("base", "S-small"), ("run", "kd/S-small/seed1"), ("run", "sft/S-small/seed2"),
+                     ("base", "S-big"), ("run", "kd/S-big/seed1"), ("run", "sft/S-big/seed1"),
+                     ("teacher", "T")]

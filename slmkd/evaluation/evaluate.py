@@ -17,6 +17,7 @@ the report can refuse to compare runs evaluated on different items.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from slmkd.evaluation.predictions import (
     upgrade_row,
 )
 
+logger = logging.getLogger(__name__)
 _USE_CONFIG: Any = object()
 #: eval_meta keys that describe how the outputs were generated: a rerun that differs in one of
 #: them is refused (the other keys -- subset, hash, model_name -- only describe the last run).
@@ -330,30 +332,37 @@ def _generate_into(cfg, model, name, tokenizer, tokenizer_name, dataset, pending
 
 
 def open_evaluation_engine(cfg: Any, model: str, *, tokenizer_name: str | None = None,
-                           role: str = "student") -> Any:
+                           role: str = "student", engines: Any = None) -> Any:
     """A :class:`slmkd.generation.LazyEngine` for ``model`` with ``cfg.evaluation``'s backend
     and batch size: loaded on the first generation, then reused for every dataset; close it
-    (or use ``with``) before the next model is loaded."""
+    (or use ``with``) before the next model is loaded. With ``engines`` (a
+    :class:`slmkd.generation.EngineSlot`) the engine comes from that slot and stays open
+    there for the next model (a vLLM engine then reloads weights instead of restarting)."""
     from slmkd import generation
 
-    return generation.LazyEngine(
-        lambda: generation.open_engine(cfg, str(model), tokenizer_name=tokenizer_name,
-                                       role=role),
-        backend=getattr(cfg.evaluation, "backend", "hf"))
+    if engines is not None:
+        def opener():
+            return engines.open(cfg, str(model), tokenizer_name=tokenizer_name, role=role)
+    else:
+        def opener():
+            return generation.open_engine(cfg, str(model), tokenizer_name=tokenizer_name,
+                                          role=role)
+    return generation.LazyEngine(opener, backend=getattr(cfg.evaluation, "backend", "hf"))
 
 
 def evaluate_on_datasets(cfg: Any, model: str, datasets: Sequence[str] | None = None,
-                         **kwargs: Any) -> dict[str, dict[str, Any]]:
+                         engines: Any = None, **kwargs: Any) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_model` of one model on each of ``datasets`` (default
     ``cfg.evaluation.datasets``) with the model loaded at most once (one engine, closed at the
-    end). ``kwargs`` go to :func:`evaluate_model`; returns ``{dataset: summary}``."""
+    end, or kept in ``engines``: :func:`open_evaluation_engine`). ``kwargs`` go to
+    :func:`evaluate_model`; returns ``{dataset: summary}``."""
     from slmkd.modeling import model_slug
 
     role = "teacher" if kwargs.get("kind") == "teacher" or model == cfg.teacher else "student"
     kwargs.setdefault("model_slug", model_slug(str(model)))
     out: dict[str, dict[str, Any]] = {}
     with open_evaluation_engine(cfg, model, tokenizer_name=kwargs.get("tokenizer_name"),
-                                role=role) as engine:
+                                role=role, engines=engines) as engine:
         for ds in datasets or cfg.evaluation.datasets:
             out[ds] = evaluate_model(cfg, engine, ds, model_name=str(model), **kwargs)
     return out
@@ -382,6 +391,7 @@ def evaluate_run(
     check_leakage: bool = True,
     force: bool = False,
     show_progress: bool = True,
+    engines: Any = None,
     **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a trained run on ``datasets`` (default ``cfg.evaluation.datasets``).
@@ -390,6 +400,8 @@ def evaluate_run(
     ``run_dir/final_model_dir`` into ``eval/{method}__{student_slug}__seed{N}/{dataset}/`` and
     returns ``{dataset: summary}``. The leakage guard compares every evaluation question with
     the questions of the run's training data (teacher CoT records and training split).
+    ``engines``: an :class:`slmkd.generation.EngineSlot` shared across runs (see
+    :func:`open_evaluation_engine`).
     """
     run_dir = Path(run_dir)
     ts = read_train_summary(run_dir)
@@ -402,13 +414,50 @@ def evaluate_run(
     out: dict[str, dict[str, Any]] = {}
     if "tokenizer" in kwargs or "model" in kwargs:
         raise TypeError("evaluate_run loads the run's model itself")
-    with open_evaluation_engine(cfg, str(final), tokenizer_name=student) as engine:
+    with open_evaluation_engine(cfg, str(final), tokenizer_name=student,
+                                engines=engines) as engine:
         for ds in datasets or cfg.evaluation.datasets:
             out[ds] = evaluate_model(
                 cfg, engine, ds, model_name=str(final), method=method, limit=limit,
                 model_slug=slug, kind="run", student=student, seed=seed,
                 train_questions=train_q, tokenizer_name=student, force=force,
                 show_progress=show_progress, **kwargs)
+    return out
+
+
+def evaluate_study(cfg: Any, run_dirs: Sequence[str | os.PathLike[str]], *, base: bool = True,
+                   teacher: bool = True, **kwargs: Any) -> list[dict[str, Any]]:
+    """Notebook 04 in one call: every run of ``run_dirs`` (:func:`evaluate_run`), the base
+    students (``base``) and the teacher (``teacher``) on ``cfg.evaluation.datasets``, through
+    one :class:`slmkd.generation.EngineSlot`, ordered by model: each student's base model,
+    then its runs (by method and seed), then the teacher. With vLLM the engine thus starts once
+    per architecture and reloads weights for the next model of that architecture; with HF each
+    model is loaded once. ``kwargs`` go to each evaluation; returns the per-dataset summaries.
+    """
+    from slmkd import generation
+
+    runs = [(read_train_summary(d), Path(d)) for d in run_dirs]
+    names = [cfg.student_name(s) for s in cfg.students]
+    known = set(names)
+    order: list[tuple[str, Any]] = []
+    for name in names + sorted({str(ts["student"]) for ts, _ in runs} - known):
+        if base and name in known:
+            order.append(("base", name))
+        mine = sorted((r for r in runs if str(r[0]["student"]) == name),
+                      key=lambda r: (str(r[0]["method"]), int(r[0]["seed"])))
+        order += [("run", d) for _, d in mine]
+    if teacher:
+        order.append(("teacher", cfg.teacher))
+    out: list[dict[str, Any]] = []
+    with generation.EngineSlot() as engines:
+        for kind, target in order:
+            if kind == "run":
+                res = evaluate_run(cfg, target, engines=engines, **kwargs)
+            else:
+                res = evaluate_on_datasets(cfg, target, kind=kind, engines=engines, **kwargs)
+            out += res.values()
+        logger.info("evaluated %d models: %d engine start(s), %d in-place switch(es)",
+                    len(order), engines.opened, engines.switched)
     return out
 
 

@@ -21,6 +21,7 @@ from slmkd.generation.batched import (
 )
 from slmkd.generation.cascade import cascaded_generate
 from slmkd.generation.engines import (
+    EngineSlot,
     HFEngine,
     LazyEngine,
     VLLMEngine,
@@ -29,7 +30,7 @@ from slmkd.generation.engines import (
     vllm_llm_kwargs,
 )
 
-__all__ = ["SDPA_EXCLUDE_CUDNN", "GenerationBatch", "GenerationOutput", "HFEngine", "LazyEngine",
-           "VLLMEngine", "cascaded_generate", "is_engine", "open_engine", "vllm_llm_kwargs",
+__all__ = ["SDPA_EXCLUDE_CUDNN", "EngineSlot", "GenerationBatch", "GenerationOutput", "HFEngine",
+           "LazyEngine", "VLLMEngine", "cascaded_generate", "is_engine", "open_engine", "vllm_llm_kwargs",
            "eos_token_ids", "generate_batched", "generate_batched_vllm", "iter_generate_batched",
            "length_sorted_buckets", "resolve_backend", "vllm_available"]

@@ -146,9 +146,9 @@ def train_staged(cfg: ExperimentConfig, spec: MethodSpec, student: str, seed: in
                                       max_steps=max_steps, save_steps=save_steps, force=force,
                                       live_plot=live_plot)
         else:
-            res = train_single(cfg, stage, student, seed, run_dir=stage_dir, max_steps=max_steps,
-                               save_steps=save_steps, force=force, live_plot=live_plot,
-                               init_model=prev)
+            res = train_single(stage1_config(cfg) if i == 1 else cfg, stage, student, seed,
+                               run_dir=stage_dir, max_steps=max_steps, save_steps=save_steps,
+                               force=force, live_plot=live_plot, init_model=prev)
         if res.summary.get("final_on_drive") is False:  # see slmkd.training.run: rerun later
             _say(f"[{spec.name}] stage {i} is not complete on Drive yet; the next stages wait "
                  "for the rerun that copies it.")
@@ -184,6 +184,24 @@ def stage2_steps(cfg: ExperimentConfig, max_steps: int) -> int:
     """The adapter stage's step budget: ``cfg.cascod.stage2_max_steps`` when > 0, else the run's
     ``max_steps`` (a cap passed to :func:`train`; -1: ``cfg.cascod.stage2_epochs`` epochs)."""
     return int(cfg.cascod.stage2_max_steps) if cfg.cascod.stage2_max_steps > 0 else int(max_steps)
+
+
+def stage1_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the first stage's own budget in ``train``: ``cfg.cascod.stage1_epochs`` and
+    ``cfg.cascod.stage1_learning_rate`` where set (None keeps ``train``'s: ``cfg`` itself, so
+    runs recorded before these settings existed resume). The KD schedules are per epoch and
+    keep their last value past their end (stage 1 has no KD term)."""
+    import dataclasses
+
+    cas = cfg.cascod
+    changes: dict[str, Any] = {}
+    if getattr(cas, "stage1_epochs", None) is not None:
+        changes["epochs"] = int(cas.stage1_epochs)
+    if getattr(cas, "stage1_learning_rate", None) is not None:
+        changes["learning_rate"] = float(cas.stage1_learning_rate)
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 def adapter_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
