@@ -999,6 +999,37 @@ def test_cascod_2stage_joint_stage1_is_the_joint_cascod_run(world, tmp_path):
     assert (tmp_path / "two" / res.summary["final_model_dir"]).is_dir()
 
 
+def test_stage1_config_is_the_run_config_unless_stage1_has_its_own_budget(world):
+    from slmkd.training.staged import stage1_config
+
+    plain = _cfg(world, **{"cascod.stage1_epochs": None})
+    assert stage1_config(plain) is plain  # old runs keep their identity and resume
+    cfg = _cfg(world, **{"cascod.stage1_epochs": 5, "cascod.stage1_learning_rate": 1e-3})
+    one = stage1_config(cfg)
+    assert (one.train.epochs, one.train.learning_rate) == (5, 1e-3)
+    assert (cfg.train.epochs, cfg.train.learning_rate) == (1, 3e-3)  # not mutated
+    assert one.train.batch_size == cfg.train.batch_size and one.cascod == cfg.cascod
+
+
+def test_cascod_2stage_stage1_trains_its_own_epochs_and_learning_rate(world, tmp_path):
+    """Stage 1 runs ``cascod.stage1_epochs`` epochs at ``cascod.stage1_learning_rate`` (48
+    pairs, batch 8: 6 steps per epoch), the adapter stage its own budget; the stage-1 run
+    records the budget it trained with (so a changed stage-1 budget is a different run)."""
+    import json
+
+    from slmkd.training.staged import train
+
+    cfg = _cfg(world, **{"cascod.stage1_epochs": 2, "cascod.stage1_learning_rate": 1e-3,
+                         "cascod.stage2_max_steps": 2})
+    run = tmp_path / "two"
+    res = train(cfg, "cascod-2stage", "student_small", 0, run_dir=run, max_steps=-1)
+    s1, s2 = (st["summary"] for st in res.summary["stages"])
+    assert s1["steps"] == 2 * 6 and s2["steps"] == 2
+    saved = json.loads((run / "stage1" / "config.json").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["train"]["learning_rate"] == 1e-3
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 1
+
+
 def test_cascod_2stage_adapter_stage_kill9_resume_is_bit_identical(world, tmp_path):
     """Stage 2 (the adapter) killed with SIGKILL mid-way resumes from its checkpoint to the same
     adapter as an uninterrupted run; the stored student rationales are reused, not redone."""
