@@ -87,6 +87,10 @@ class TrainConfig:
     save_every_minutes: float = 30.0
     #: dtype of the saved ``final/`` model: "bf16" (half the Drive space) or "fp32"
     final_dtype: str = "bf16"
+    #: ``slmkd.notebook.train_grid``: copy each run's ``final/`` to Drive in a background thread
+    #: while the next run trains (at most one copy in flight; the run is complete once it is
+    #: verified); False: the run waits for its copy
+    background_final_copy: bool = True
     #: a non-finite value in either model's supervised logits: "skip" the step (counted, logged)
     #: or "sanitize" it (NaN -> -M, clamp) and train on
     nonfinite: str = "skip"

@@ -93,17 +93,24 @@ def show_figures(paths: Iterable[str | os.PathLike] | str | os.PathLike | None) 
 def train_grid(cfg: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int],
                live_plot: bool = True) -> dict[tuple[str, str, int], Any]:
     """Train every method × ``cfg.students`` × seed (each resumes by itself), print one summary
-    line per run and show the last run's plots. Returns ``{(method, student, seed): TrainResult}``."""
+    line per run and show the last run's plots. Returns ``{(method, student, seed): TrainResult}``.
+
+    With ``cfg.train.background_final_copy`` each run's ``final/`` is copied to Drive while the
+    next run trains; the grid waits for the last copy before it returns."""
     from slmkd.pipeline import ensure_tiny_cot
-    from slmkd.training import train
+    from slmkd.training import train, wait_for_final_copies
 
     ensure_tiny_cot(cfg)
+    background = bool(getattr(cfg.train, "background_final_copy", False))
     results: dict[tuple[str, str, int], Any] = {}
     for method in methods:
         for student in cfg.students:
             for seed in seeds:
                 results[(method, student, seed)] = train(cfg, method, student, seed,
-                                                         live_plot=live_plot)
+                                                         live_plot=live_plot,
+                                                         background_copy=background)
+    done = {r.run_dir.resolve(): r for r in wait_for_final_copies()}
+    results = {k: done.get(r.run_dir.resolve(), r) for k, r in results.items()}
     for (method, student, seed), r in results.items():
         s = r.summary
         kd = f", KD {s['final_kd']:.4g}" if s.get("final_kd") is not None else ""

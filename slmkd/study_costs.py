@@ -198,8 +198,13 @@ _TABLE: list[Constant] = [
     _c("model_load_gbps", 1.0, "GB/s", "loading safetensors from the local HF cache", "assumed"),
     _c("local_write_gbps", 0.5, "GB/s", "checkpoint and final/ writes to the VM disk", "assumed"),
     _c("drive_write_gbps", 0.08, "GB/s", "copies to the mounted Google Drive", "assumed"),
-    _c("run_setup_s", 60, "s", "per run: data tokenisation, Trainer and dataloader set-up",
-       "assumed"),
+    _c("run_tokenise_s", 10.0, "s", "per run: tokenise 7,473 CoT records into examples "
+       "(sft/kd/stage 1), Qwen2 tokenizer, 2-core CPU under load, benchmarks/run_setup.py, "
+       "2026-12-02", "measured"),
+    _c("run_tokenise_cascod_s", 22.9, "s", "per run: the same for CasCoD (two examples per "
+       "record), benchmarks/run_setup.py, 2026-12-02", "measured"),
+    _c("run_cuda_warmup_s", 20, "s", "per run: Trainer set-up (0.01 s measured), CUDA context, "
+       "kernel autotuning and allocator warm-up of the first steps", "assumed"),
     _c("report_s", 120, "s", "notebook 05: tables, paired statistics, plots", "assumed"),
     # -- the tiny profile (2-core CPU calibration) ------------------------------------------------
     _c("tiny_world_s", 290, "s", "docs/TINY_CALIBRATION.md (slmkd.pipeline estimates)", "measured"),
@@ -229,6 +234,13 @@ def set_constant(name: str, value: float, source: str, kind: str = "measured",
     c = Constant(name, float(value), unit or old.unit, source, kind)
     CONSTANTS[name] = c
     return c
+
+
+def run_setup_seconds(stage: str) -> float:
+    """Seconds a training run spends before its first step, besides loading weights: tokenising
+    its examples (CasCoD's joint stages: two per record) plus the CUDA warm-up allowance."""
+    two = stage in ("cascod", "cascod-kd")
+    return const("run_tokenise_cascod_s" if two else "run_tokenise_s") + const("run_cuda_warmup_s")
 
 
 def _interp_log2(prefix: str, b: float) -> float:

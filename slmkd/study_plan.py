@@ -37,9 +37,8 @@ The storage policy modelled (``slmkd.trainer``):
 Runs are sequential in the notebooks' order: notebook 02 (``sft``, ``kd``) then 03 (the CasCoD
 methods), each ``method → student (cfg.students order) → seed`` as ``slmkd.notebook.train_grid``.
 
-Usage: ``budget = plan_study_budget(load_config("a100-40g")); print(budget.format())``;
-``budget.exit_code``: bit 1 GPU, 2 local disk, 4 Drive.
-"""
+Usage: ``print(plan_study_budget(load_config("a100-40g")).format())``; ``.exit_code``: bit 1 GPU,
+2 local disk, 4 Drive."""
 
 from __future__ import annotations
 
@@ -76,6 +75,7 @@ from slmkd.study_costs import (  # noqa: F401 - re-exported
     generation_cost,
     generation_vram_gib,
     matmul_params,
+    run_setup_seconds,
     set_constant,
     weight_bytes,
 )
@@ -438,7 +438,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                         gap["teacher forwards"] += teach
                         n_saves = int((compute + teach) // save_every_s)
                         saves += n_saves
-                        overhead = (const("run_setup_s") + load_s(spec_s, bf16=setup.lora)
+                        overhead = (run_setup_seconds(setup.method) + load_s(spec_s, bf16=setup.lora)
                                     + (load_s(teacher, bf16=not four_bit)
                                        if setup.loads_teacher else 0.0)
                                     + n_saves * pl["ckpt_gb"] / const("local_write_gbps")

@@ -349,3 +349,98 @@ def test_model_teacher_and_trainer_are_freed_when_train_returns(world, tmp_path,
     finally:
         gc.enable()
     assert len(alive) == 3 and not any(alive), alive  # student, teacher, trainer
+
+
+# -- final/ copied to Drive in the background (train_grid) -----------------------------------------
+@pytest.fixture
+def gated_final_copy(monkeypatch):
+    """``final/`` copies (not checkpoints) wait for ``gates[run_dir]`` (an Event, set by the
+    test); ``events`` records ``(start|end, run_dir, thread name)`` of each."""
+    import threading
+
+    gates: dict[Path, threading.Event] = {}
+    events: list[tuple[str, Path, str]] = []
+    publish = R.publish_checkpoint
+
+    def gated(src, dst, *a, **k):
+        if k.get("name") != R.FINAL_DIR:
+            return publish(src, dst, *a, **k)
+        dst = Path(dst)
+        events.append(("start", dst, threading.current_thread().name))
+        if dst in gates:
+            assert gates[dst].wait(180)
+        out = publish(src, dst, *a, **k)
+        events.append(("end", dst, threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(R, "publish_checkpoint", gated)
+    yield gates, events
+    T.wait_for_final_copies()
+
+
+def test_background_final_copy_returns_at_once_and_completes_the_run_later(
+        world, tmp_path, gated_final_copy):
+    import threading
+
+    gates, events = gated_final_copy
+    cfg = _cfg(world, tmp_path, **{"train.max_steps": 4})
+    run = tmp_path / "run"
+    gates[run] = threading.Event()
+    res = T.train(cfg, "sft", "student_small", 1, run_dir=run, background_copy=True)
+    # returned while the copy waits: not complete yet, its final/ only on local disk
+    assert res.summary["final_copy"] == "background" and res.final_dir == run / "final"
+    assert T.pending_final_copies() == [run] and not T.is_run_complete(run)
+    local = T.local_checkpoint_dir(cfg, run)
+    assert (local / "final").is_dir() and (local / R.PENDING_NAME).is_file()
+    gates[run].set()
+    (done,) = T.wait_for_final_copies()
+    assert T.is_run_complete(run) and done.final_dir == run / "final"
+    assert C.verify_checkpoint(run / "final")[0] and not local.exists()
+    assert [e[0] for e in events] == ["start", "end"]
+    assert events[0][2].startswith("slmkd-final-copy")  # not the training thread
+    assert T.pending_final_copies() == [] and T.wait_for_final_copies() == []
+
+
+def test_next_run_waits_for_the_copy_in_flight_and_a_rerun_for_its_own(world, tmp_path,
+                                                                       gated_final_copy,
+                                                                       monkeypatch):
+    """At most one finished run's final/ waits on local disk: run B returns only once run A's
+    copy is verified (A's gate opens 1 s after B has trained); rerunning A while its copy is
+    pending waits for it instead of copying (or training) again."""
+    import threading
+    import time
+
+    gates, events = gated_final_copy
+    cfg = _cfg(world, tmp_path, **{"train.max_steps": 4})
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    gates[run_a] = threading.Event()
+    T.train(cfg, "sft", "student_small", 1, run_dir=run_a, background_copy=True)
+    pending_b = T.local_checkpoint_dir(cfg, run_b) / R.PENDING_NAME
+
+    def open_a_after_b_trained():
+        t0 = time.time()
+        while not pending_b.exists() and time.time() - t0 < 170:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        gates[run_a].set()
+
+    threading.Thread(target=open_a_after_b_trained, daemon=True).start()
+    T.train(cfg, "sft", "student_small", 2, run_dir=run_b, background_copy=True)
+    assert T.is_run_complete(run_a)  # B's train() waited for A's copy
+    assert [(k, d) for k, d, _ in events][:2] == [("start", run_a), ("end", run_a)]
+    T.wait_for_final_copies()
+    assert T.is_run_complete(run_b)
+
+    # a rerun of a run whose copy is pending waits for it: one copy, no training
+    run_c = tmp_path / "c"
+    gates[run_c] = threading.Event()
+    T.train(cfg, "sft", "student_small", 3, run_dir=run_c, background_copy=True)
+
+    def no_training(*a, **k):
+        raise AssertionError("the rerun must not train")
+
+    monkeypatch.setattr(R, "_fit", no_training)
+    threading.Timer(1.0, gates[run_c].set).start()
+    again = T.train(cfg, "sft", "student_small", 3, run_dir=run_c)
+    assert T.is_run_complete(run_c) and again.final_dir == run_c / "final"
+    assert sum(1 for k, d, _ in events if k == "start" and d == run_c) == 1

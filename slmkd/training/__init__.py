@@ -18,8 +18,10 @@ from slmkd.training.run import (
     TrainResult,
     is_run_complete,
     local_checkpoint_dir,
+    pending_final_copies,
     run_dir_for,
     run_identity,
+    wait_for_final_copies,
 )
 from slmkd.training.sft_kd import build_cot_datasets, kd_or_ce_loss
 from slmkd.training.staged import train
@@ -36,4 +38,5 @@ __all__ = ["CONFIG_NAME", "FAULT_KILL_ENV", "FINAL_DIR", "RUN_META_NAME", "STATE
            "DistillationTrainer", "GuardState", "MethodSpec", "RunConfigMismatchError",
            "ScheduleCallback", "TrainResult", "build_cot_datasets", "default_count_items",
            "get_method", "is_run_complete", "kd_or_ce_loss", "local_checkpoint_dir",
-           "register_method", "registered_methods", "run_dir_for", "run_identity", "train"]
+           "pending_final_copies", "register_method", "registered_methods", "run_dir_for",
+           "run_identity", "train", "wait_for_final_copies"]

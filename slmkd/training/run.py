@@ -17,6 +17,12 @@ Storage policy (a run directory lives on Drive; local disk dies with the runtime
 * at the end, ``final/`` is saved in ``cfg.train.final_dtype`` on local disk, copied to Drive and
   verified, ``train_summary.json`` written (the run is complete), then every checkpoint of the
   run is removed from Drive and local disk; logs, plots and summary stay.
+* ``train(..., background_copy=True)`` (notebooks' :func:`slmkd.notebook.train_grid`): that copy
+  runs in a background thread while the caller goes on (the next run trains); at most one is in
+  flight (the next run's copy waits for it), a run whose copy is pending is waited for before it
+  is trained or resumed again, and :func:`wait_for_final_copies` waits for all (before
+  evaluation). Until its copy is verified the run is not complete, exactly as above: a runtime
+  that ends mid-copy loses nothing the synchronous copy would have kept.
 * when Drive cannot take ``final/``, it stays on local disk (``{local}/final`` and
   ``final_pending.json``) with a message, the run is not complete and its Drive checkpoint is
   kept. Rerunning the same command copies the local ``final/`` (no training) when it is still
@@ -31,8 +37,10 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +106,7 @@ NO_STEP_SAVES = 10**9
 OPERATIONAL_KEYS = frozenset({
     "train.log_every", "train.save_steps", "train.save_total_limit",
     "train.dataloader_num_workers", "train.debug_nan", "train.local_checkpoint_dir",
-    "train.save_every_minutes", "train.final_dtype",
+    "train.save_every_minutes", "train.final_dtype", "train.background_final_copy",
     "generation.batch_size", "generation.backend", "generation.shard_size",
     "models.trust_remote_code",
 })
@@ -459,13 +467,60 @@ def _publish_final(run_dir: Path, local_dir: Path, summary: dict[str, Any],
                                               "final_local_dir": str(local_final)})
 
 
+# -- final/ copies in the background ------------------------------------------------------------
+_COPY_LOCK = threading.Lock()
+_COPY_POOL: ThreadPoolExecutor | None = None
+#: background copies not yet collected by :func:`wait_for_final_copies`, oldest first
+_COPIES: list[tuple[Path, Future]] = []
+
+
+def _publish_in_background(run_dir: Path, local_dir: Path, summary: dict[str, Any],
+                           resumable: Callable[[], str]) -> Future:
+    """:func:`_publish_final` in the one copy thread, after any copy still in flight (so local
+    disk holds at most one finished run's ``final/`` besides the training run's files)."""
+    global _COPY_POOL
+    wait_for_final_copies(collect=False)
+    with _COPY_LOCK:
+        if _COPY_POOL is None:  # one worker: copies run one at a time, in order
+            _COPY_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmkd-final-copy")
+        fut = _COPY_POOL.submit(_publish_final, run_dir, local_dir, summary, resumable)
+        _COPIES.append((run_dir, fut))
+    return fut
+
+
+def pending_final_copies() -> list[Path]:
+    """Run directories whose background ``final/`` copy has not finished."""
+    with _COPY_LOCK:
+        return [d for d, f in _COPIES if not f.done()]
+
+
+def wait_for_final_copies(run_dir: str | os.PathLike | None = None, *,
+                          collect: bool = True) -> list[TrainResult]:
+    """Block until the background ``final/`` copies (of ``run_dir`` only, when given) are done;
+    returns their :class:`TrainResult` (a failed copy: ``final_on_drive`` False, the local
+    ``final/`` kept and the message already printed; its exception, if any, is raised here).
+    ``collect``: forget the finished copies (else :func:`wait_for_final_copies` returns them
+    again later)."""
+    with _COPY_LOCK:
+        mine = [(d, f) for d, f in _COPIES
+                if run_dir is None or Path(d).resolve() == Path(run_dir).resolve()]
+    results = [f.result() for _, f in mine]
+    if collect:
+        with _COPY_LOCK:
+            for item in mine:
+                if item in _COPIES:
+                    _COPIES.remove(item)
+    return results
+
+
 # =============================================================================================
 # train
 # =============================================================================================
 def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
           run_dir: str | os.PathLike | None = None, max_steps: int | None = None,
           save_steps: int | None = None, force: bool = False, live_plot: bool = False,
-          init_model: str | os.PathLike | None = None) -> TrainResult:
+          init_model: str | os.PathLike | None = None,
+          background_copy: bool = False) -> TrainResult:
     """Train ``student`` with ``method`` and ``seed``; resume when a checkpoint exists.
 
     Args:
@@ -479,6 +534,10 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
         force: resume (or retrain a finished run) even when the saved config differs.
         live_plot: draw the loss/grad-norm/VRAM plots inline (notebooks).
         init_model: start from these weights instead of the student's (two-stage methods).
+        background_copy: copy ``final/`` to Drive in the background and return at once (one
+            process only; see the module's storage policy): the result's ``final_dir`` is where
+            the model will be, ``summary["final_copy"]`` is ``"background"``; call
+            :func:`wait_for_final_copies` before reading it.
 
     Returns a :class:`TrainResult`; ``{run_dir}/train_summary.json`` is written last, once
     ``final/`` is on Drive (see the module's storage policy). Model, teacher and trainer are freed
@@ -494,6 +553,7 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
 
     from accelerate import PartialState
 
+    wait_for_final_copies(run_dir, collect=False)  # this run's copy from an earlier call
     state = PartialState()
     main = state.is_main_process
     ident = run_identity(cfg, spec, student_name, seed, max_steps)
@@ -529,14 +589,21 @@ def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
     _free_memory()  # _fit's frame is gone: model, teacher and trainer with it
     if main:
         atomic_write_json(local_dir / PENDING_NAME, {"identity": ident, "summary": summary})
-        res = _publish_final(run_dir, local_dir, summary,
-                             lambda: syncer.resumable if syncer is not None
-                             else _drive_resumable(drive_ckpt_dir))
+        def resumable() -> str:
+            return syncer.resumable if syncer is not None else _drive_resumable(drive_ckpt_dir)
+
+        if background_copy and state.num_processes == 1:
+            _publish_in_background(run_dir, local_dir, summary, resumable)
+            res = TrainResult(run_dir, run_dir / FINAL_DIR, {**summary, "final_copy": "background"})
+            where = f"{res.final_dir} (copying to Drive in the background)"
+        else:
+            res = _publish_final(run_dir, local_dir, summary, resumable)
+            where = str(res.final_dir)
         frac = summary["skipped_fraction"]
         flag = "  <-- FLAG: >= 1% of batches skipped" if frac >= SKIP_WARN_FRACTION else ""
         _say(f"[{method}] done: {summary['steps']} steps, final loss {summary['final_loss']}, "
              f"skipped {summary['skipped_batches']} ({100 * frac:.2f}%){flag}\n"
-             f"  model: {res.final_dir}\n  log: {run_dir / LOG_NAME}\n  plots: {run_dir / 'plots'}")
+             f"  model: {where}\n  log: {run_dir / LOG_NAME}\n  plots: {run_dir / 'plots'}")
     state.wait_for_everyone()
     if main:
         return res

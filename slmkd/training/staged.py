@@ -100,15 +100,17 @@ LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 def train(cfg: ExperimentConfig, method: str, student: str, seed: int, *,
           run_dir: str | os.PathLike | None = None, max_steps: int | None = None,
           save_steps: int | None = None, force: bool = False, live_plot: bool = False,
-          init_model: str | os.PathLike | None = None) -> TrainResult:
+          init_model: str | os.PathLike | None = None,
+          background_copy: bool = False) -> TrainResult:
     """Train ``student`` with ``method`` and ``seed`` (the arguments of
     :func:`slmkd.training.run.train`): a method with stages runs :func:`train_staged` (its first
-    stage starts from ``init_model`` when given), any other :func:`slmkd.training.run.train`."""
+    stage starts from ``init_model`` when given; its stages copy ``final/`` synchronously, as the
+    next stage starts from it), any other :func:`slmkd.training.run.train`."""
     spec = get_method(method)
     if not spec.stages:
         return train_single(cfg, method, student, seed, run_dir=run_dir, max_steps=max_steps,
                             save_steps=save_steps, force=force, live_plot=live_plot,
-                            init_model=init_model)
+                            init_model=init_model, background_copy=background_copy)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg, method, student, seed)
     max_steps = int(cfg.train.max_steps if max_steps is None else max_steps)
     return train_staged(cfg, spec, student, seed, run_dir=run_dir, max_steps=max_steps,
