@@ -236,6 +236,17 @@ def set_constant(name: str, value: float, source: str, kind: str = "measured",
     return c
 
 
+def final_bytes_per_param(cfg: Any) -> int:
+    """Bytes per parameter of a saved ``final/`` (``cfg.train.final_dtype``)."""
+    dtype = str(getattr(cfg.train, "final_dtype", None) or ("fp32" if cfg.is_tiny else "bf16"))
+    return 4 if dtype.lower() in ("fp32", "float32", "float") else 2
+
+
+def notebook_of(method: str) -> str:
+    """The notebook that trains ``method``: 03 for the CasCoD methods, else 02."""
+    return "03" if method.startswith("cascod") else "02"
+
+
 def run_setup_seconds(stage: str) -> float:
     """Seconds a training run spends before its first step, besides loading weights: tokenising
     its examples (CasCoD's joint stages: two per record) plus the CUDA warm-up allowance."""

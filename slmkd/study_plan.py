@@ -27,9 +27,9 @@ The storage policy modelled (``slmkd.trainer``):
 * a checkpoint is the fp32 master weights + the optimizer states (AdamW: 8 B/param; bitsandbytes
   8-bit AdamW: 2 B/param, 8 B/param for the ``nn.Embedding`` the Trainer keeps in 32 bit) + small
   files; with LoRA the adapter and its states only;
-* when a run completes its checkpoints are removed on both sides; ``final/`` is saved in
-  ``cfg.train.final_dtype`` (bf16) locally, copied to Drive, and the local copy removed once the
-  copy is verified. Drive keeps the finals (notebook 04 evaluates them);
+* a run's checkpoints are removed on both sides when it completes; ``final/`` (bf16) is saved
+  locally, copied to Drive while the next run trains (``train.background_final_copy``; a notebook's
+  last copy is waited for) and removed locally once verified. Drive keeps the finals;
 * ``cfg.kd.teacher_source="cached"``: a one-off ``cache_teacher`` stage runs the teacher over the
   kept CoT once and stores its top-``cfg.kd.cache_top_k`` per supervised token (int32 id + bf16
   value, plus one fp32 normaliser per scheduled temperature); KD runs then load no teacher.
@@ -71,10 +71,12 @@ from slmkd.study_costs import (  # noqa: F401 - re-exported
     const,
     device_for,
     expected_decode_steps,
+    final_bytes_per_param,
     forward_vram_gib,
     generation_cost,
     generation_vram_gib,
     matmul_params,
+    notebook_of,
     run_setup_seconds,
     set_constant,
     weight_bytes,
@@ -211,8 +213,7 @@ class StudyBudget:
         lines = [
             f"slmkd plan — profile {self.profile}: {self.device} ({gpu}); local disk "
             f"{self.disk_free_gb:.0f} GB free; Drive {self.drive_free_gb:.0f} GB free",
-            f"  teacher {self.teacher} ({self.teacher_precision}, KD from a {self.teacher_source} "
-            "teacher)",
+            f"  teacher {self.teacher} ({self.teacher_precision}, KD from a {self.teacher_source} teacher)",
             "",
             f"  {'stage':<15}{'hours':>7}{'share':>7}  detail",
         ]
@@ -258,15 +259,6 @@ class StudyBudget:
 
 
 # -- the plan -------------------------------------------------------------------------------------
-def _final_bytes_per_param(cfg: ExperimentConfig) -> int:
-    dtype = str(getattr(cfg.train, "final_dtype", None) or ("fp32" if cfg.is_tiny else "bf16"))
-    return 4 if dtype.lower() in ("fp32", "float32", "float") else 2
-
-
-def _notebook_of(method: str) -> str:
-    return "03" if method.startswith("cascod") else "02"
-
-
 def _eval_items(cfg: ExperimentConfig, dataset: str) -> int:
     ev = cfg.evaluation
     if dataset == "gsm8k":
@@ -311,8 +303,8 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
             if disk_free_gb is None else float(disk_free_gb))
     drive = const("drive_quota_gb") if drive_free_gb is None else float(drive_free_gb)
     methods = list(methods or cfg.methods)
-    order = [m for m in methods if _notebook_of(m) == "02"] + \
-            [m for m in methods if _notebook_of(m) == "03"]
+    order = [m for m in methods if notebook_of(m) == "02"] + \
+            [m for m in methods if notebook_of(m) == "03"]
     tr, kd = cfg.train, cfg.kd
     source = str(getattr(kd, "teacher_source", "live") or "live")
     top_k = int(getattr(kd, "cache_top_k", 64) or 64)
@@ -392,7 +384,8 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
 
     # -- 02/03: training --------------------------------------------------------------------------
     runs: list[RunBudget] = []
-    final_bpp = _final_bytes_per_param(cfg)
+    final_bpp = final_bytes_per_param(cfg)
+    bg_copy = not tiny and bool(getattr(cfg.train, "background_final_copy", False))
     cas = cfg.cascod
     for method in order:
         for skey in cfg.students:
@@ -405,6 +398,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
             ckpt_gb = max(pl["ckpt_gb"] for pl in plans)
             final_gb = plans[0]["final_gb"]
             extra_final_gb = sum(pl["final_gb"] for pl in plans[1:])
+            bg = bg_copy and len(stages) == 1
             for seed in cfg.seeds:
                 s_total, t_total, fl_total, tok_total, saves = 0.0, 0.0, 0.0, 0.0, 0
                 stage_h: list[float] = []
@@ -443,7 +437,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                                        if setup.loads_teacher else 0.0)
                                     + n_saves * pl["ckpt_gb"] / const("local_write_gbps")
                                     + pl["final_gb"] / const("local_write_gbps")
-                                    + pl["final_gb"] / const("drive_write_gbps"))
+                                    + (0.0 if bg else pl["final_gb"] / const("drive_write_gbps")))
                         gap["loads, saves, copies"] += overhead
                         if pl["stage"] == "cascod-stage2" and cas.stage2_student_rationale_fraction:
                             # stage-1 student rationales, decoded like the evaluator
@@ -466,12 +460,17 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
                         saves += int(compute // save_every_s)
                 floor_s += fl_total
                 runs.append(RunBudget(
-                    method=method, student=spec_s.name, seed=int(seed), notebook=_notebook_of(method),
+                    method=method, student=spec_s.name, seed=int(seed), notebook=notebook_of(method),
                     vram_gib=vram, vram_limit_gib=limit, fits=fits, hours=s_total / 3600,
                     checkpoint_gb=ckpt_gb, final_gb=final_gb, checkpoints_written=saves,
                     train_tokens=tok_total, teacher_hours=t_total / 3600,
                     floor_hours=fl_total / 3600, finals=len(stages), stage_hours=stage_h,
                     extra_final_gb=extra_final_gb))
+    for nb in ("02", "03"):  # a background final/ copy overlaps the next run; the grid's last waits
+        last = [r for r in runs if r.notebook == nb][-1:]
+        if bg_copy and last and last[0].finals == 1:
+            last[0].hours += last[0].final_gb / const("drive_write_gbps") / 3600
+            gap["loads, saves, copies"] += last[0].final_gb / const("drive_write_gbps")
     par = max(1, int(cfg.parallel_runs)) if tiny else 1  # tiny: runs share parallel workers
     for r in runs:
         stage_hours["train_" + r.notebook] += r.hours / par
@@ -596,7 +595,7 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
     hf_cache_gb = sum(weight_bytes(s) for s in models.values()) / GB
     local_run_peak, local_at = 0.0, "no run"
     drive_peak, drive_at = cot_gb + cache_gb, "after the CoT"
-    finals_so_far = 0.0
+    finals_so_far, prev_copy = 0.0, 0.0
     for r in runs:
         # the run's hours are an estimate: storage must still fit if it takes twice as long, so a
         # run planned at more than half a checkpoint interval counts (at least) one checkpoint
@@ -606,8 +605,9 @@ def plan_study_budget(cfg: ExperimentConfig, *, gpu_gib: float | None = None,
         run_peak = max(transient, at_end)
         if r.finals > 1:  # stage 1's final stays while stage 2 trains
             run_peak += r.final_gb
-        if run_peak > local_run_peak:
-            local_run_peak, local_at = run_peak, f"{r.method} {r.student}"
+        if run_peak + prev_copy > local_run_peak:  # + the previous final/ still being copied
+            local_run_peak, local_at = run_peak + prev_copy, f"{r.method} {r.student}"
+        prev_copy = r.final_gb if bg_copy and r.finals == 1 else 0.0
         d = cot_gb + cache_gb + finals_so_far + run_peak
         if d > drive_peak:
             drive_peak = d

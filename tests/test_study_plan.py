@@ -193,9 +193,18 @@ def test_drive_peak_arithmetic_by_hand():
     # after completion: the finals, the CoT and 4 models' predictions (base, teacher, 2 runs)
     ev = 4 * (500 + 27 * 100) * 2000 / GB
     assert b.drive_final_gb == pytest.approx(2 * final + cot + ev)
-    # local: the HF cache (teacher + student, bf16) + the largest run's peak
+    # local: the HF cache (teacher + student, bf16) + the largest run's peak: run 2's two
+    # checkpoints + run 1's final/, copied to Drive in the background while run 2 trains
     hf = (PRESETS["qwen2.5-7b"].num_params + n) * 2 / GB
-    assert b.local_peak_gb == pytest.approx(hf + 2 * ckpt)
+    assert b.local_peak_gb == pytest.approx(hf + final + 2 * ckpt)
+    # ... and the copy's time counts once, in the grid's last run (the others overlap a run)
+    cfg.train.background_final_copy = False
+    sync = plan_study_budget(cfg, escalation=False)
+    assert sync.local_peak_gb == pytest.approx(hf + 2 * ckpt)
+    copy_h = final / 0.08 / 3600  # drive_write_gbps
+    assert sync.runs[0].hours - b.runs[0].hours == pytest.approx(copy_h)
+    assert sync.runs[1].hours == pytest.approx(b.runs[1].hours)
+    cfg.train.background_final_copy = True
     # no checkpoint at all when the interval is longer than the run
     cfg.train.save_every_minutes = 10_000.0
     b = plan_study_budget(cfg, escalation=False)

@@ -7,6 +7,7 @@ Modules: :mod:`.staged` (``train``: one run, or a two-stage method stage by stag
 :mod:`.checkpoint` (manifests, Drive sync, resume selection), :mod:`.monitor` (logs, plots).
 """
 
+from slmkd.training.final_copy import pending_final_copies, wait_for_final_copies
 from slmkd.training.method_spec import MethodSpec
 from slmkd.training.methods import get_method, register_method, registered_methods
 from slmkd.training.run import (
@@ -18,10 +19,8 @@ from slmkd.training.run import (
     TrainResult,
     is_run_complete,
     local_checkpoint_dir,
-    pending_final_copies,
     run_dir_for,
     run_identity,
-    wait_for_final_copies,
 )
 from slmkd.training.sft_kd import build_cot_datasets, kd_or_ce_loss
 from slmkd.training.staged import train

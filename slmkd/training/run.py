@@ -37,10 +37,8 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +67,7 @@ from slmkd.training.checkpoint import (
     verify_checkpoint,
 )
 from slmkd.training.data import PaddingCollator
+from slmkd.training.final_copy import submit_final_copy, wait_for_final_copies
 from slmkd.training.method_spec import MethodSpec
 from slmkd.training.methods import get_method
 from slmkd.training.monitor import (
@@ -467,50 +466,13 @@ def _publish_final(run_dir: Path, local_dir: Path, summary: dict[str, Any],
                                               "final_local_dir": str(local_final)})
 
 
-# -- final/ copies in the background ------------------------------------------------------------
-_COPY_LOCK = threading.Lock()
-_COPY_POOL: ThreadPoolExecutor | None = None
-#: background copies not yet collected by :func:`wait_for_final_copies`, oldest first
-_COPIES: list[tuple[Path, Future]] = []
-
-
 def _publish_in_background(run_dir: Path, local_dir: Path, summary: dict[str, Any],
-                           resumable: Callable[[], str]) -> Future:
-    """:func:`_publish_final` in the one copy thread, after any copy still in flight (so local
-    disk holds at most one finished run's ``final/`` besides the training run's files)."""
-    global _COPY_POOL
+                           resumable: Callable[[], str]) -> None:
+    """:func:`_publish_final` in the copy thread (:mod:`slmkd.training.final_copy`), after the
+    copy still in flight: local disk holds at most one finished run's ``final/`` besides the
+    training run's files."""
     wait_for_final_copies(collect=False)
-    with _COPY_LOCK:
-        if _COPY_POOL is None:  # one worker: copies run one at a time, in order
-            _COPY_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmkd-final-copy")
-        fut = _COPY_POOL.submit(_publish_final, run_dir, local_dir, summary, resumable)
-        _COPIES.append((run_dir, fut))
-    return fut
-
-
-def pending_final_copies() -> list[Path]:
-    """Run directories whose background ``final/`` copy has not finished."""
-    with _COPY_LOCK:
-        return [d for d, f in _COPIES if not f.done()]
-
-
-def wait_for_final_copies(run_dir: str | os.PathLike | None = None, *,
-                          collect: bool = True) -> list[TrainResult]:
-    """Block until the background ``final/`` copies (of ``run_dir`` only, when given) are done;
-    returns their :class:`TrainResult` (a failed copy: ``final_on_drive`` False, the local
-    ``final/`` kept and the message already printed; its exception, if any, is raised here).
-    ``collect``: forget the finished copies (else :func:`wait_for_final_copies` returns them
-    again later)."""
-    with _COPY_LOCK:
-        mine = [(d, f) for d, f in _COPIES
-                if run_dir is None or Path(d).resolve() == Path(run_dir).resolve()]
-    results = [f.result() for _, f in mine]
-    if collect:
-        with _COPY_LOCK:
-            for item in mine:
-                if item in _COPIES:
-                    _COPIES.remove(item)
-    return results
+    submit_final_copy(run_dir, _publish_final, run_dir, local_dir, summary, resumable)
 
 
 # =============================================================================================
