@@ -9,8 +9,8 @@ What it checks, on tiny random Qwen2 models (head_dim 64: vLLM's CPU attention r
 4. (``--lora``) an adapter folder is served as base + LoRA: adapter off = the base's outputs;
 5. an :class:`slmkd.generation.EngineSlot` serves model A, then model B (same architecture,
    other weights) from the same engine (weights reloaded in place, prefix cache reset): B's
-   outputs equal HF greedy decoding of B, A's prompts included (a stale prefix cache would
-   replay A's keys and values), with one engine start.
+   outputs equal HF greedy decoding of B on the prompts A just served, which share a 300-token
+   prefix (a stale prefix cache would replay A's keys and values), with one engine start.
 
 Prints one JSON line per step (times in seconds) and exits non-zero on a failed check. Run it in a
 venv with ``vllm`` (see tests/test_vllm_engine.py for the set-up)::
@@ -105,7 +105,7 @@ def main() -> int:
     cfg = load_config("tiny", overrides={"drive_root": str(out / "drive"),
                                          "evaluation.backend": "vllm",
                                          "evaluation.vllm_gpu_memory_utilization": 0.5,
-                                         "evaluation.vllm_max_model_len": 256,
+                                         "evaluation.vllm_max_model_len": 448,
                                          "evaluation.vllm_dtype": "float32",
                                          "evaluation.batch_size": 4}, environ={})
     tok = load_tokenizer(str(m1), cfg, padding_side="left")
@@ -179,17 +179,23 @@ def main() -> int:
     from slmkd.generation import EngineSlot
 
     hf2 = AutoModelForCausalLM.from_pretrained(str(m2), dtype=torch.float32)
+    # a shared prefix of >= 300 tokens: several full KV blocks that A's requests leave in the
+    # prefix cache, which B's requests would hit if the switch did not reset it
+    prefix = ""
+    while len(tok(prefix)["input_ids"]) < 300:
+        prefix += "Read the question, think step by step, then give the answer. "
+    long = [prefix + p for p in sets["gsm8k"]]
     t = time.perf_counter()
     with EngineSlot() as slot:
         ea = slot.open(cfg, str(m1))
-        oa = ea.generate(sets["gsm8k"], max_new_tokens=a.max_new_tokens, show_progress=False)
+        oa = ea.generate(long, max_new_tokens=a.max_new_tokens, show_progress=False)
         ea.close()
         eb = slot.open(cfg, str(m2))
-        ob = eb.generate(sets["gsm8k"], max_new_tokens=a.max_new_tokens, show_progress=False)
+        ob = eb.generate(long, max_new_tokens=a.max_new_tokens, show_progress=False)
         opened, switched = slot.opened, slot.switched
-    ref_b = generate_batched(hf2, tok, sets["gsm8k"], max_new_tokens=a.max_new_tokens,
+    ref_b = generate_batched(hf2, tok, long, max_new_tokens=a.max_new_tokens,
                              batch_size=4, show_progress=False)
-    ref_a = generate_batched(hf, tok, sets["gsm8k"], max_new_tokens=a.max_new_tokens,
+    ref_a = generate_batched(hf, tok, long, max_new_tokens=a.max_new_tokens,
                              batch_size=4, show_progress=False)
     same_b = sum(o.token_ids == r.token_ids for o, r in zip(ob, ref_b, strict=True))
     same_a = sum(o.token_ids == r.token_ids for o, r in zip(oa, ref_a, strict=True))
