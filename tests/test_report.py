@@ -251,3 +251,41 @@ def test_report_cli_parser():
     add_report_command(parser.add_subparsers(dest="cmd"))
     a = parser.parse_args(["report", "--drive-root", "/x"])
     assert a.drive_root == "/x" and callable(a.func)
+
+
+# -- CasCoD error propagation per method ----------------------------------------------------------
+def _write_errprop(root: Path, method: str, seed: int, acc: float, teacher: float, own: float):
+    d = root / "eval" / f"{method}__{STUDENT}__seed{seed}" / "gsm8k"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({
+        "kind": "run", "method": method, "seed": seed, "student": STUDENT, "dataset": "gsm8k",
+        "accuracy": acc + 0.5, "accuracy_strict": acc}))  # strict is the one reported
+    (d / "error_propagation.json").write_text(json.dumps({
+        "n": 300, "acc_teacher_rationale": teacher, "acc_own_rationale": own,
+        "propagation_gap": teacher - own}))
+
+
+def test_error_propagation_by_method_is_the_mean_and_sd_over_seeds(tmp_path, capsys):
+    from slmkd.report import error_propagation_by_method, show_error_propagation
+    from slmkd.report.cascade import error_propagation_markdown
+
+    assert show_error_propagation(tmp_path) == []
+    assert "No CasCoD run evaluated" in capsys.readouterr().out
+    _write_errprop(tmp_path, "cascod", 1, 0.90, 0.96, 0.90)
+    _write_errprop(tmp_path, "cascod", 2, 0.80, 0.94, 0.80)
+    _write_errprop(tmp_path, "cascod-2stage", 1, 0.99, 0.96, 0.99)
+    joint, two = error_propagation_by_method(tmp_path)
+    assert (joint["method"], joint["seeds"], two["method"], two["seeds"]) == (
+        "cascod", 2, "cascod-2stage", 1)
+    assert joint["accuracy_mean"] == pytest.approx(0.85)
+    assert joint["accuracy_sd"] == pytest.approx(math.sqrt(0.005))  # sample sd of 0.9, 0.8
+    assert joint["acc_teacher_rationale_mean"] == pytest.approx(0.95)
+    assert joint["acc_own_rationale_mean"] == pytest.approx(0.85)
+    assert joint["gap_mean"] == pytest.approx(0.10) and joint["gap_sd"] == pytest.approx(
+        math.sqrt(0.0032))  # gaps 0.06, 0.14
+    assert two["gap_mean"] == pytest.approx(-0.03) and two["gap_sd"] == 0.0
+    md = "\n".join(error_propagation_markdown(tmp_path))
+    assert f"| cascod | {STUDENT} | gsm8k | 2 | 85.0 ± 7.1 | 95.0 ± 1.4 | 85.0 ± 7.1 | 10.0 ± 5.7 |" in md
+    assert f"| cascod-2stage__{STUDENT}__seed1 | gsm8k | 300 | 99.0 | 96.0 | 99.0 | -3.0 |" in md
+    show_error_propagation(tmp_path)
+    assert "| cascod-2stage |" in capsys.readouterr().out

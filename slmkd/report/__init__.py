@@ -10,6 +10,7 @@ from slmkd.report.build import (
     item_ids_hash,
     write_report,
 )
+from slmkd.report.cascade import error_propagation_by_method, show_error_propagation
 
 __all__ = ["EvalResult", "ReportResult", "build_report", "check_same_items", "collect_results",
-           "item_ids_hash", "write_report"]
+           "error_propagation_by_method", "item_ids_hash", "show_error_propagation", "write_report"]

@@ -28,6 +28,7 @@ import numpy as np
 
 from slmkd import stats
 from slmkd.evaluation.predictions import item_ids_hash
+from slmkd.report.cascade import error_propagation_markdown
 from slmkd.report.figures import (  # noqa: F401
     ALPHA,
     METHOD_ORDER,
@@ -616,7 +617,7 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
                "on those particular checkpoints — another training seed gives another checkpoint — so "
                "it says nothing about the methods and carries **no verdict**. Δ is that seed's "
                "difference on the headline metric over all items (BBH: micro).", "", *mcn_md, ""]
-    md += _error_propagation_md(root)
+    md += error_propagation_markdown(root)
     md += ["## Training health", "", *(_health_md(trains) if trains else ["No training runs found."]), ""]
     if figures:
         md += ["## Figures", "", *(f"![{p.stem}]({p.name})" for p in figures), ""]
@@ -626,28 +627,6 @@ def build_report(cfg: Any = None, drive_root: str | Path | None = None) -> Repor
     report_path = atomic_write_text(out / "report.md", "\n".join(md))
     return ReportResult(report_path, _headline(st, comps), results_csv, comparisons_csv, figures,
                         accuracy_csv, mcnemar_csv)
-
-
-def _error_propagation_md(root: Path) -> list[str]:
-    """CasCoD error propagation (``eval/*/*/error_propagation.json``, written by the pipeline):
-    the student's answer accuracy given the teacher's rationale vs given its own."""
-    files = sorted(root.glob("eval/*/*/error_propagation.json"))
-    if not files:
-        return []
-    lines = ["## CasCoD error propagation", "",
-             "Answer step of each CasCoD student run on the evaluation items, given the teacher's "
-             "rationale (from the teacher's own evaluation output) vs given the student's own "
-             "rationale. A large gap means the answer step is fine and errors come from the "
-             "student's rationale.", "",
-             "| run | dataset | n | acc. teacher rationale (%) | acc. own rationale (%) | gap (pts) |",
-             "|---|---|---|---|---|---|"]
-    for f in files:
-        d = json.loads(f.read_text())
-        lines.append(f"| {f.parent.parent.name} | {f.parent.name} | {d.get('n')} | "
-                     f"{_fmt_pct(d.get('acc_teacher_rationale'))} | "
-                     f"{_fmt_pct(d.get('acc_own_rationale'))} | "
-                     f"{_fmt_pct(d.get('propagation_gap'))} |")
-    return [*lines, ""]
 
 
 def write_report(cfg: Any = None, drive_root: str | Path | None = None) -> Path:
