@@ -44,8 +44,12 @@ def error_propagation_by_method(drive_root: str | Path) -> list[dict[str, Any]]:
     """:func:`error_propagation_runs` grouped by (method, student, dataset): ``seeds`` (count)
     and, for each of ``accuracy``, ``acc_teacher_rationale``, ``acc_own_rationale``, ``gap``, the
     mean and the sd over seeds (``{key}_mean``, ``{key}_sd``; sd 0 for one seed)."""
+    return _by_method(error_propagation_runs(drive_root))
+
+
+def _by_method(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in error_propagation_runs(drive_root):
+    for r in runs:
         groups.setdefault((r["method"], str(r["student"]), r["dataset"]), []).append(r)
     out = []
     for (method, student, dataset), rs in sorted(groups.items()):
@@ -87,7 +91,7 @@ def error_propagation_markdown(drive_root: str | Path) -> list[str]:
              "rationale (from the teacher's own evaluation output) vs given the student's own "
              "rationale; gap = teacher − own. A large gap means the answer step is fine and the "
              "errors come from the student's rationale. Mean ± sd over seeds (%, gap in pts):", ""]
-    lines += method_table(error_propagation_by_method(drive_root))
+    lines += method_table(_by_method(runs))
     lines += ["", "| run | dataset | n | accuracy (%) | given teacher rationale (%) | "
               "given own rationale (%) | gap (pts) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
